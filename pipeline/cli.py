@@ -1,0 +1,112 @@
+"""Argument parsing only: ``python -m pipeline encode|demo`` (also the ``video-latents`` script).
+
+Exit codes: 0 the run completed (inputs that failed are listed in OUTPUT/errors),
+1 the run itself failed, 2 a usage error (one line on stderr says what to change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES,
+                             RESIZE_MODES, Config, ConfigError, validate)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _num_actors(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN[,MAX], got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected MIN[,MAX], got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _extensions(text: str) -> tuple[str, ...]:
+    return tuple(e.strip().lstrip(".").lower() for e in text.split(",") if e.strip())
+
+
+def _add_encode_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="s3://bucket/prefix/, a local folder, or one file")
+    p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local folder")
+    p.add_argument("--model", required=True,
+                   help="a local diffusers model folder, a hub id, or an s3:// URI of a saved model")
+    p.add_argument("--subfolder", default=None, help="the VAE's subfolder (default: vae/ when present)")
+    p.add_argument("--num-frames", type=int, default=49, help="frames per clip (default 49)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                   help="crop: cover the target keeping aspect, then centre-crop; stretch: resize straight")
+    p.add_argument("--clip-stride", type=int, default=None,
+                   help="source frames between clip starts (default: --num-frames)")
+    p.add_argument("--max-clips", type=int, default=None, help="clips per video (default: no limit)")
+    p.add_argument("--latent-mode", choices=LATENT_MODES, default="mode")
+    p.add_argument("--seed", type=int, default=0, help="seed for --latent-mode sample")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="storage dtype")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per actor call")
+    p.add_argument("--num-actors", type=_num_actors, default=None, metavar="MIN[,MAX]",
+                   help="size of the autoscaling actor pool (default: 1 up to the cluster's GPUs)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0)
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: cuda when the cluster has GPUs, else cpu")
+    p.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--slicing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--extensions", type=_extensions, default=DEFAULT_EXTENSIONS,
+                   help=f"comma-separated, any case (default {','.join(DEFAULT_EXTENSIONS)})")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run's output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="video-latents", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_encode_options(sub.add_parser("encode", help="encode videos to VAE latents"))
+    demo = sub.add_parser("demo", help="generate sample videos and a tiny VAE, then encode them locally")
+    demo.add_argument("--workdir", default="demo-output", help="where inputs and outputs go")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    fields["s3_endpoint"] = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    return Config(**fields)
+
+
+def encode(cfg: Config) -> int:
+    from pipeline.run import run
+
+    try:
+        cfg, info = validate(cfg)
+    except ConfigError as e:
+        print(f"video-latents: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = run(cfg, info)
+    except Exception as e:  # noqa: BLE001 - the run failed: say so, with the trace for a bug report
+        traceback.print_exc()
+        print(f"video-latents: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from pipeline.demo import demo
+
+        return demo(args.workdir)
+    return encode(config_from_args(args))

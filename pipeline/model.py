@@ -1,0 +1,141 @@
+"""Finding a VAE and reading what the job needs from its config, without importing torch.
+
+The shapes (temporal/spatial compression, latent channels) and the normalisation
+(scaling_factor, shift_factor, latents_mean/std) all come from the model's own config and
+class; nothing here is a number copied from a model card.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from pipeline import storage
+
+CONFIG_NAME = "config.json"
+VAE_SUBFOLDER = "vae"
+
+
+class ModelError(ValueError):
+    """The model cannot be found or is not a supported video VAE."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str  # as given by the user
+    subfolder: str | None
+    class_name: str
+    temporal_ratio: int
+    spatial_ratio: int
+    latent_channels: int
+    scaling_factor: float
+    shift_factor: float | None
+    config: dict
+
+    def check_num_frames(self, num_frames: int) -> str | None:
+        """An error message when ``num_frames`` is not k * temporal_ratio + 1, else None."""
+        r = self.temporal_ratio
+        if num_frames < 1 or (num_frames - 1) % r:
+            ok = ", ".join(str(k * r + 1) for k in (1, 2, 4, 8, 12))
+            return (f"--num-frames {num_frames} does not fit {self.class_name}: it needs "
+                    f"k*{r}+1 frames (e.g. {ok})")
+        return None
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[T, C, h, w] of one clip's latents."""
+        return ((num_frames - 1) // self.temporal_ratio + 1, self.latent_channels,
+                height // self.spatial_ratio, width // self.spatial_ratio)
+
+    def normalization(self) -> dict:
+        """What is applied to the raw latent: (z - shift) * scaling_factor."""
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
+
+def _cogvideox(config: dict) -> dict:
+    # As in diffusers' CogVideoX pipelines: 2 ** (levels - 1) spatially, the configured ratio in time.
+    return {
+        "temporal_ratio": int(config["temporal_compression_ratio"]),
+        "spatial_ratio": 2 ** (len(config["block_out_channels"]) - 1),
+    }
+
+
+# class name -> how to read its compression ratios from its config
+FAMILIES = {
+    "AutoencoderKLCogVideoX": _cogvideox,
+}
+
+
+def _is_local_dir(source: str) -> bool:
+    return not storage.is_s3(source) and os.path.isdir(os.path.expanduser(source))
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return (not storage.is_s3(source) and not os.path.exists(os.path.expanduser(source))
+            and source.count("/") == 1 and not source.startswith((".", "/", "~")))
+
+
+def _read_config_file(source: str, subfolder: str | None, endpoint: str | None) -> dict | None:
+    if _looks_like_hub_id(source):
+        from huggingface_hub import hf_hub_download  # a diffusers dependency
+
+        try:
+            path = hf_hub_download(source, CONFIG_NAME, subfolder=subfolder)
+        except Exception:  # noqa: BLE001 - any hub failure means "not there"
+            return None
+        with open(path) as f:
+            return json.load(f)
+    base = storage.join(source, subfolder) if subfolder else source
+    uri = storage.join(base, CONFIG_NAME)
+    try:
+        return json.loads(storage.read_bytes(uri, endpoint))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def inspect_model(source: str, subfolder: str | None = None, endpoint: str | None = None) -> ModelInfo:
+    """Read the VAE's config; with no subfolder given, use ``vae/`` when the model has one."""
+    candidates = [subfolder] if subfolder is not None else [VAE_SUBFOLDER, None]
+    config, chosen = None, None
+    for candidate in candidates:
+        config = _read_config_file(source, candidate, endpoint)
+        if config is not None:
+            chosen = candidate
+            break
+    if config is None:
+        where = f"{source}/{subfolder}" if subfolder else source
+        raise ModelError(f"--model: no {CONFIG_NAME} found at {where} (nor in its vae/ subfolder)")
+    class_name = config.get("_class_name", "")
+    if class_name not in FAMILIES:
+        raise ModelError(f"--model: {class_name or 'unknown class'} is not a supported video VAE "
+                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    return ModelInfo(
+        source=source,
+        subfolder=chosen,
+        class_name=class_name,
+        latent_channels=int(config["latent_channels"]),
+        scaling_factor=float(config["scaling_factor"]),
+        shift_factor=config.get("shift_factor"),
+        config=config,
+        **FAMILIES[class_name](config),
+    )
+
+
+def local_model_dir(source: str, endpoint: str | None = None) -> str:
+    """A path or hub id ``from_pretrained`` can load: S3 models are copied once per node."""
+    if not storage.is_s3(source):
+        return os.path.expanduser(source)
+    import filelock  # a huggingface_hub dependency
+    import pyarrow.fs as pafs
+
+    cache_root = os.environ.get("VIDEO_LATENTS_CACHE", os.path.expanduser("~/.cache/video-latents"))
+    target = os.path.join(cache_root, "models", hashlib.sha256(source.encode()).hexdigest()[:16])
+    done = os.path.join(target, ".complete")
+    os.makedirs(cache_root, exist_ok=True)
+    with filelock.FileLock(target + ".lock"):
+        if not os.path.exists(done):
+            fs, path = storage.resolve(source, endpoint)
+            pafs.copy_files(path, target, source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            open(done, "w").close()
+    return target

@@ -1,0 +1,168 @@
+"""Writing the output: latents and errors as Parquet, and ``_SUCCESS`` last.
+
+Layout under OUTPUT:
+  latents/part-<hash>.parquet   one row per clip; the hash is of the clip ids inside
+  errors/err-<hash>.parquet     one row per input (or clip) that could not be encoded
+  _SUCCESS                      JSON written when the run completes
+
+File names derive from ids, never from input names, so a retried task rewrites the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata as importlib_metadata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.model import ModelInfo
+
+LATENTS_DIR = "latents"
+ERRORS_DIR = "errors"
+SUCCESS = "_SUCCESS"
+METADATA_KEY = b"video_latents"
+LAYOUT = "TCHW"
+STAGES = ("list", "read", "decode", "sample", "encode", "write")
+
+CLIP_COLUMNS = {
+    "clip_id": pa.string(),
+    "source_uri": pa.string(),
+    "clip_index": pa.int32(),
+    "start_frame": pa.int32(),
+    "num_frames": pa.int32(),
+    "fps": pa.float64(),
+    "height": pa.int32(),
+    "width": pa.int32(),
+}
+ERROR_SCHEMA = pa.schema([
+    ("source_uri", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+    ("clip_id", pa.string()),  # set for a clip that failed to encode; null for a whole input
+])
+_VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
+
+
+def tensor_columns(latent_mode: str) -> tuple[str, ...]:
+    return ("latents_mean", "latents_logvar") if latent_mode == "dist" else ("latents",)
+
+
+def _versions() -> dict:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def dataset_metadata(cfg: Config, info: ModelInfo) -> str:
+    """The JSON stored in every latents file's schema metadata under ``video_latents``."""
+    return json.dumps({
+        "model": cfg.model,
+        "subfolder": info.subfolder,
+        "vae_class": info.class_name,
+        **info.normalization(),
+        "normalization_applied": cfg.latent_mode != "dist",
+        "latent_mode": cfg.latent_mode,
+        "seed": cfg.seed if cfg.latent_mode == "sample" else None,
+        "layout": LAYOUT,
+        "latent_shape": list(info.latent_shape(cfg.num_frames, cfg.height, cfg.width)),
+        "latent_dtype": cfg.latent_dtype,
+        "compute_dtype": cfg.dtype,
+        "resize": cfg.resize,
+        "versions": _versions(),
+    }, sort_keys=True)
+
+
+def _name(prefix: str, keys) -> str:
+    digest = hashlib.blake2b("\n".join(sorted(keys)).encode(), digest_size=12).hexdigest()
+    return f"{prefix}-{digest}.parquet"
+
+
+def _write_table(cfg: Config, folder: str, name: str, table: pa.Table) -> str:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    uri = storage.join(cfg.output, folder, name)
+    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), cfg.s3_endpoint)
+    return uri
+
+
+def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
+    arrays, fields = [], []
+    for name, typ in CLIP_COLUMNS.items():
+        arrays.append(pa.array(np.asarray(batch[name]).tolist(), type=typ))
+        fields.append(pa.field(name, typ))
+    for name in tensor_columns(cfg.latent_mode):
+        # A C-contiguous array gives a plain [T,C,h,w] tensor type with no `permutation` attribute.
+        tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(batch[name]))
+        arrays.append(tensor)
+        fields.append(pa.field(name, tensor.type))
+    schema = pa.schema(fields, metadata={METADATA_KEY: metadata_json.encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_latents(batch: dict, cfg: Config, metadata_json: str) -> dict:
+    """Ray Data map_batches step: write one Parquet file for the batch; return what was written."""
+    n = len(batch["clip_id"])
+    if n == 0:
+        return {"path": np.array([], dtype=object), "num_rows": np.array([], dtype=np.int64)}
+    table = latents_table(batch, cfg, metadata_json)
+    path = _write_table(cfg, LATENTS_DIR, _name("part", batch["clip_id"]), table)
+    return {"path": np.array([path], dtype=object), "num_rows": np.array([n], dtype=np.int64)}
+
+
+def error_row(source_uri: str, stage: str, error_type: str, message: str,
+              clip_id: str | None = None) -> dict:
+    assert stage in STAGES, stage
+    return {"source_uri": source_uri, "stage": stage, "error_type": error_type,
+            "message": message.strip().splitlines()[0][:2000] if message.strip() else error_type,
+            "clip_id": clip_id}
+
+
+def write_errors(cfg: Config, rows: list[dict]) -> str:
+    """Write error rows to their own file, named from the failing inputs so retries overwrite it."""
+    table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+    keys = [f"{r['source_uri']}\0{r['clip_id'] or ''}\0{r['stage']}" for r in rows]
+    return _write_table(cfg, ERRORS_DIR, _name("err", keys), table)
+
+
+def count_rows(cfg: Config, folder: str) -> int:
+    fs, path = storage.resolve(storage.join(cfg.output, folder), cfg.s3_endpoint)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def existing_output(cfg: Config) -> list[str]:
+    """The parts of a previous run found under OUTPUT."""
+    return [name for name in (LATENTS_DIR, ERRORS_DIR, SUCCESS)
+            if storage.exists(storage.join(cfg.output, name), cfg.s3_endpoint)]
+
+
+def prepare_output(cfg: Config) -> None:
+    """With --overwrite, remove a previous run's output (``_SUCCESS`` first, so no reader
+    mistakes a half-deleted folder for a finished one)."""
+    if not cfg.overwrite:
+        return
+    for name in (SUCCESS, LATENTS_DIR, ERRORS_DIR):
+        fs, path = storage.resolve(storage.join(cfg.output, name), cfg.s3_endpoint)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def write_success(cfg: Config, summary: dict) -> None:
+    body = json.dumps({**summary, "config": cfg.to_dict()}, indent=2, sort_keys=True, default=str)
+    storage.write_bytes_atomic(storage.join(cfg.output, SUCCESS), body.encode(), cfg.s3_endpoint)

@@ -1,0 +1,133 @@
+"""One way to reach local folders and S3-compatible stores: pyarrow filesystems.
+
+The S3 endpoint comes from the job config (``--s3-endpoint`` or ``AWS_ENDPOINT_URL``, resolved
+once on the driver); credentials and region come from the standard AWS chain on each worker,
+so no secret travels inside the config.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(region=region, **kwargs) if region else pafs.S3FileSystem(**kwargs)
+
+
+def _region(bucket: str, endpoint: str | None) -> str | None:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:
+        return region or "us-east-1"
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
+
+
+def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for an ``s3://`` URI or a local path."""
+    if is_s3(uri):
+        rest = uri[len("s3://"):]
+        bucket = rest.split("/", 1)[0]
+        return _s3(endpoint, _region(bucket, endpoint)), rest.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or a local path, keeping its scheme."""
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[len("s3://"):].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of :func:`resolve` for a path listed on ``fs``."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
+    fs, path = resolve(uri, endpoint)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes, endpoint: str | None = None) -> None:
+    """Write a whole object so that a reader sees the old state or the new one, never a part.
+
+    An S3 PUT is atomic by itself; on a local disk we write a sibling temp file and rename it.
+    """
+    fs, path = resolve(uri, endpoint)
+    if isinstance(fs, pafs.S3FileSystem):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # A leading dot: Parquet dataset readers skip it if a crash leaves it behind.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+class _RawNativeFile(io.RawIOBase):
+    """Adapts a pyarrow RandomAccessFile to io.RawIOBase so io.BufferedReader can wrap it."""
+
+    def __init__(self, native):
+        self._f = native
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._f.seek(offset, whence)
+
+    def tell(self):
+        return self._f.tell()
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+# Demuxers read in small pieces; on S3 each unbuffered read would be one ranged GET.
+S3_READ_BUFFER = 8 << 20
+
+
+def open_for_decode(uri: str, endpoint: str | None = None):
+    """A path (local) or a buffered, seekable file object (S3) that PyAV can open.
+
+    Reads are streamed: a video is never loaded whole into memory.
+    """
+    fs, path = resolve(uri, endpoint)
+    if not isinstance(fs, pafs.S3FileSystem):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {uri}")
+        return path
+    return io.BufferedReader(_RawNativeFile(fs.open_input_file(path)), buffer_size=S3_READ_BUFFER)
