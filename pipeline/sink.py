@@ -96,14 +96,26 @@ def _write_table(cfg: Config, folder: str, name: str, table: pa.Table) -> str:
     return uri
 
 
+def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
+    """[N, ...] -> Arrow's canonical fixed_shape_tensor, row-major with no ``permutation``.
+
+    Built from its storage, zero-copy: ``from_numpy_ndarray`` records even the identity
+    permutation, and some readers mishandle or ignore that attribute.
+    """
+    values = np.ascontiguousarray(values)
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(values.dtype), list(values.shape[1:]))
+    flat = pa.array(values.reshape(-1))
+    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(values.shape[1:])))
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
+
+
 def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
     arrays, fields = [], []
     for name, typ in CLIP_COLUMNS.items():
         arrays.append(pa.array(np.asarray(batch[name]).tolist(), type=typ))
         fields.append(pa.field(name, typ))
     for name in tensor_columns(cfg.latent_mode):
-        # A C-contiguous array gives a plain [T,C,h,w] tensor type with no `permutation` attribute.
-        tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(batch[name]))
+        tensor = tensor_array(batch[name])
         arrays.append(tensor)
         fields.append(pa.field(name, tensor.type))
     schema = pa.schema(fields, metadata={METADATA_KEY: metadata_json.encode()})

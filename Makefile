@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   install, then run the whole job on generated videos and a tiny VAE
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Installed before the package so that pip never resolves a bare `torch` to a multi-GB CUDA
+# build on a CPU machine. On a GPU machine, pass the build you want, e.g. TORCH='torch==2.13.0'
+# from the CUDA index that matches your driver (see the README).
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m pipeline demo --workdir demo-output
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) demo-output
