@@ -116,6 +116,12 @@ def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, t
     check_output(latents, errors, success, video_dir, video_dir, tiny_vae, np.float32)
     assert success["config"]["latent_dtype"] == "float32" and success["clips_per_s"] > 0
 
+    # Read back with Ray, as the README shows.
+    ds = ray_local.data.read_parquet(str(tmp_path / "out" / "latents"))
+    batches = list(ds.select_columns(["latents"]).iter_torch_batches(batch_size=2))
+    assert sum(len(b["latents"]) for b in batches) == 5
+    assert tuple(batches[0]["latents"].shape[1:]) == (3, 4, HEIGHT // 8, WIDTH // 8)
+
     assert main(args) == 2  # an existing output is not silently mixed with a new run
     assert main([*args, "--overwrite"]) == 0
     again, _, _ = read_output(str(tmp_path / "out"))
