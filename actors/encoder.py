@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 
 import numpy as np
@@ -18,6 +19,11 @@ from pipeline.model import ModelInfo, local_model_dir
 
 log = logging.getLogger(__name__)
 
+MAX_TASK_RETRIES = 5
+# Test-only fault hook: when this env var names a file that exists, the next actor call deletes
+# it and kills its process, as a GPU fault or an OOM kill would.
+CRASH_HOOK_ENV = "VIDEO_LATENTS_TEST_CRASH_FILE"
+
 
 def load_vae(cfg: Config, info: ModelInfo):
     """The VAE through diffusers' ``from_pretrained``, the class named by its config."""
@@ -25,13 +31,25 @@ def load_vae(cfg: Config, info: ModelInfo):
     import torch
 
     cls = getattr(diffusers, info.class_name)
+    # safetensors only, unless the user vouches for pickle weights (which can run code).
     vae = cls.from_pretrained(local_model_dir(cfg.model, cfg.s3_endpoint),
-                              subfolder=info.subfolder, torch_dtype=getattr(torch, cfg.dtype))
+                              subfolder=info.subfolder, torch_dtype=getattr(torch, cfg.dtype),
+                              use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
         vae.enable_tiling()
     if cfg.slicing:
         vae.enable_slicing()
     return vae.to(cfg.device).eval().requires_grad_(False)
+
+
+def _maybe_crash() -> None:
+    path = os.environ.get(CRASH_HOOK_ENV)
+    if path:
+        try:
+            os.unlink(path)  # whoever deletes it crashes: exactly once per arming
+        except FileNotFoundError:
+            return
+        os._exit(1)
 
 
 def clip_seed(seed: int, clip_id: str) -> int:
@@ -44,9 +62,12 @@ class VAEEncoder:
     """Ray Data callable class for ``map_batches``: frames in, latents out."""
 
     @staticmethod
-    def ray_resources(cfg: Config) -> dict:
-        """What each actor reserves; Ray places (and the autoscaler provisions) by these."""
-        return {"num_gpus": cfg.gpus_per_actor if cfg.device == "cuda" else 0, "num_cpus": 1}
+    def ray_options(cfg: Config) -> dict:
+        """What each actor reserves (Ray places, and the autoscaler provisions, by these) and how
+        it recovers: a dead actor is restarted and its batch retried, a few times at most, so a
+        batch that kills every actor ends the run instead of looping forever."""
+        return {"num_gpus": cfg.gpus_per_actor if cfg.device == "cuda" else 0, "num_cpus": 1,
+                "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
 
     def __init__(self, cfg: Config, info: ModelInfo):
         import torch
@@ -107,6 +128,7 @@ class VAEEncoder:
         return kept, merged
 
     def __call__(self, batch: dict) -> dict:
+        _maybe_crash()
         frames, clip_ids, uris = batch["frames"], list(batch["clip_id"]), list(batch["source_uri"])
         errors: list[dict] = []
         try:

@@ -67,7 +67,17 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, any case (default {','.join(DEFAULT_EXTENSIONS)})")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run's output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh, deleting a previous run's output (default: resume it)")
+    limits = p.add_argument_group("limits on untrusted inputs")
+    limits.add_argument("--max-pixels", type=int, default=4096 * 4096, help="per frame (default 4096*4096)")
+    limits.add_argument("--max-duration", type=float, default=4 * 3600.0, help="seconds (default 4 h)")
+    limits.add_argument("--max-bytes", type=int, default=32 << 30, help="file size (default 32 GiB)")
+    limits.add_argument("--decode-timeout", type=float, default=1800.0,
+                        help="seconds of decoding per video before it becomes an error row")
+    limits.add_argument("--allow-pickle", action="store_true",
+                        help="load .bin/.pt weights (pickle can run code; default: safetensors only)")
+    limits.add_argument("--force", action="store_true", help="allow OUTPUT inside INPUT")
 
 
 def build_parser() -> argparse.ArgumentParser:

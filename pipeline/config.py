@@ -16,6 +16,14 @@ LATENT_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 
 
+def redact_url(url: str | None) -> str | None:
+    """``scheme://user:secret@host`` -> ``scheme://***@host``."""
+    if not url or "@" not in url:
+        return url
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
 class ConfigError(ValueError):
     """A bad option or combination: one line saying what to change (exit code 2)."""
 
@@ -45,13 +53,23 @@ class Config:
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     s3_endpoint: str | None = None
     overwrite: bool = False
+    # Limits on untrusted inputs, checked before decoding where the container tells.
+    max_pixels: int = 4096 * 4096
+    max_duration: float = 4 * 3600.0  # seconds of video
+    max_bytes: int = 32 << 30
+    decode_timeout: float = 1800.0  # seconds of decoding per video
+    allow_pickle: bool = False
+    force: bool = False  # allow OUTPUT inside INPUT
 
     @property
     def stride(self) -> int:
         return self.clip_stride or self.num_frames
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """For ``_SUCCESS`` and logs: credentials in an endpoint URL are masked."""
+        d = dataclasses.asdict(self)
+        d["s3_endpoint"] = redact_url(self.s3_endpoint)
+        return d
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -83,9 +101,16 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.device != "cpu" or cfg.dtype != "float16",
            "--dtype float16 is not supported on --device cpu (use float32 or bfloat16)")
     _check(len(cfg.extensions) > 0, "--extensions must name at least one extension")
+    _check(cfg.max_pixels >= 1, "--max-pixels must be positive")
+    _check(cfg.max_duration > 0, "--max-duration must be positive")
+    _check(cfg.max_bytes >= 1, "--max-bytes must be positive")
+    _check(cfg.decode_timeout > 0, "--decode-timeout must be positive")
     _check(storage.is_s3(cfg.output) or not os.path.isfile(cfg.output),
            f"OUTPUT {cfg.output} is a file; give a folder or an s3:// prefix")
     _check(_norm(cfg.input) != _norm(cfg.output), "OUTPUT must differ from INPUT")
+    _check(cfg.force or not _norm(cfg.output).startswith(_norm(cfg.input) + "/"),
+           "OUTPUT is inside INPUT, so a later run would list its own output; "
+           "choose another OUTPUT or pass --force")
 
 
 def _norm(uri: str) -> str:
@@ -113,19 +138,18 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
     except ModelError as e:
         raise ConfigError(str(e)) from None
     _check_shapes(cfg, info)
+    _check(cfg.allow_pickle or info.weights_format != "pickle",
+           f"--model: {cfg.model} has only pickle weights (.bin/.pt), which can run code when "
+           "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source")
     _check_output(cfg)
     return cfg.replace(subfolder=info.subfolder), info
 
 
 def _check_output(cfg: Config) -> None:
-    from pipeline import sink
-
     try:
-        existing = sink.existing_output(cfg)
+        storage.exists(cfg.output, cfg.s3_endpoint)
     except OSError as e:
-        raise ConfigError(f"OUTPUT {cfg.output} cannot be read: {_first_line(e)}") from None
-    _check(cfg.overwrite or not existing,
-           f"OUTPUT {cfg.output} already holds {', '.join(existing)}; pass --overwrite to replace it")
+        raise ConfigError(f"OUTPUT {cfg.output} cannot be reached: {_first_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:

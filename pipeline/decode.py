@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from collections import deque
 from typing import Iterator
 
@@ -21,12 +22,42 @@ from pipeline.config import Config
 INTERPOLATION = "BICUBIC"
 
 
-class TooShort(Exception):
+class InputRejected(Exception):
+    """An input we will not encode; ``stage`` says where that was found."""
+
+    stage = "decode"
+
+
+class TooShort(InputRejected):
     """The video has fewer frames than one clip needs."""
 
+    stage = "sample"
 
-class NoVideoStream(Exception):
-    """The container holds no video stream."""
+
+class EmptyFile(InputRejected):
+    stage = "read"
+
+
+class FileTooLarge(InputRejected):
+    """Over --max-bytes."""
+
+    stage = "read"
+
+
+class TooLarge(InputRejected):
+    """Frames over --max-pixels."""
+
+
+class TooLong(InputRejected):
+    """Over --max-duration."""
+
+
+class NoVideoStream(InputRejected):
+    pass
+
+
+class DecodeTimeout(InputRejected):
+    pass
 
 
 def clip_id(source_uri: str, start_frame: int, cfg: Config) -> str:
@@ -36,7 +67,7 @@ def clip_id(source_uri: str, start_frame: int, cfg: Config) -> str:
 
 
 def resize_plan(src_w: int, src_h: int, cfg: Config) -> tuple[int, int, int, int]:
-    """(scaled width, scaled height, crop x, crop y) to reach cfg's size.
+    """(scaled width, scaled height, crop x, crop y) to reach cfg's size from a displayed frame.
 
     crop: scale to cover the target keeping the aspect ratio, then take the centre.
     stretch: scale straight to the target.
@@ -49,10 +80,21 @@ def resize_plan(src_w: int, src_h: int, cfg: Config) -> tuple[int, int, int, int
     return w, h, (w - cfg.width) // 2, (h - cfg.height) // 2
 
 
-def frame_to_rgb(frame, plan: tuple[int, int, int, int], cfg: Config) -> np.ndarray:
-    """One decoded frame as uint8 [H, W, 3] at the target size (a view into the scaled frame)."""
-    w, h, x, y = plan
-    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
+def quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show the frame as its display matrix asks."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def frame_to_rgb(frame, cfg: Config) -> np.ndarray:
+    """One decoded frame as uint8 [H, W, 3] at the target size, upright."""
+    turns = quarter_turns(frame)
+    shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    w, h, x, y = resize_plan(shown_w, shown_h, cfg)
+    coded_w, coded_h = (h, w) if turns % 2 else (w, h)
+    rgb = frame.reformat(width=coded_w, height=coded_h, format="rgb24",
+                         interpolation=INTERPOLATION).to_ndarray()
+    if turns:
+        rgb = np.rot90(rgb, turns)
     return rgb[y:y + cfg.height, x:x + cfg.width]
 
 
@@ -65,34 +107,65 @@ def to_clip_layout(frames) -> np.ndarray:
     return out
 
 
-def _needed(i: int, cfg: Config) -> bool:
-    """Whether source frame i falls inside some clip we will emit."""
-    last_start = i // cfg.stride  # the latest clip starting at or before frame i
+def clips_containing(i: int, cfg: Config) -> range:
+    """Indices of the clips that source frame i belongs to (empty when it is in none)."""
+    first = max(0, -(-(i - cfg.num_frames + 1) // cfg.stride))
+    last = i // cfg.stride
     if cfg.max_clips is not None:
-        last_start = min(last_start, cfg.max_clips - 1)
-    return i < last_start * cfg.stride + cfg.num_frames
+        last = min(last, cfg.max_clips - 1)
+    return range(first, last + 1)
 
 
-def iter_clips(container, source_uri: str, cfg: Config) -> Iterator[dict]:
-    """Yield one row per clip: metadata plus ``frames``, uint8 [3, F, H, W], C-contiguous."""
+def _check_container(container, cfg: Config) -> None:
+    """Reject what the container's header already shows to be over the limits."""
     if not container.streams.video:
         raise NoVideoStream("the file has no video stream")
+    stream = container.streams.video[0]
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if w * h > cfg.max_pixels:
+        raise TooLarge(f"{w}x{h} frames exceed --max-pixels {cfg.max_pixels}")
+    if container.duration is not None and container.duration / 1e6 > cfg.max_duration:
+        raise TooLong(f"{container.duration / 1e6:.0f} s exceeds --max-duration {cfg.max_duration:g}")
+
+
+def _check_frame(frame, deadline: float, cfg: Config) -> None:
+    """Limits that only decoding shows: a stream can lie in its header or never end."""
+    if frame.width * frame.height > cfg.max_pixels:
+        raise TooLarge(f"{frame.width}x{frame.height} frames exceed --max-pixels {cfg.max_pixels}")
+    if frame.time is not None and frame.time > cfg.max_duration:
+        raise TooLong(f"the video runs past --max-duration {cfg.max_duration:g} s")
+    if time.monotonic() > deadline:
+        raise DecodeTimeout(f"decoding took longer than --decode-timeout {cfg.decode_timeout:g} s")
+
+
+def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset()
+               ) -> Iterator[tuple[str, dict | None]]:
+    """Yield ``(clip_id, row)`` per clip; row is None for a clip in ``skip`` (already written).
+
+    A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous.
+    """
+    _check_container(container, cfg)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
+    deadline = time.monotonic() + cfg.decode_timeout
     window: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
-    plan, clip_index, seen = None, 0, 0
+    clip_index, seen = 0, 0
     for i, frame in enumerate(container.decode(stream)):
         seen = i + 1
-        if not _needed(i, cfg):
+        _check_frame(frame, deadline, cfg)
+        owners = clips_containing(i, cfg)
+        if not owners:
             continue
-        plan = plan or resize_plan(frame.width, frame.height, cfg)
-        window.append(frame_to_rgb(frame, plan, cfg))
-        start = i - cfg.num_frames + 1
-        if start == clip_index * cfg.stride:
-            yield {
-                "clip_id": clip_id(source_uri, start, cfg),
+        # A frame only in clips already written needs no pixels; None keeps the window's count.
+        wanted = not skip or any(clip_id(source_uri, k * cfg.stride, cfg) not in skip for k in owners)
+        window.append(frame_to_rgb(frame, cfg) if wanted else None)
+        start = clip_index * cfg.stride
+        if i == start + cfg.num_frames - 1:
+            cid = clip_id(source_uri, start, cfg)
+            row = None if cid in skip else {
+                "clip_id": cid,
                 "source_uri": source_uri,
                 "clip_index": clip_index,
                 "start_frame": start,
@@ -102,6 +175,7 @@ def iter_clips(container, source_uri: str, cfg: Config) -> Iterator[dict]:
                 "width": cfg.width,
                 "frames": to_clip_layout(window),
             }
+            yield cid, row
             clip_index += 1
             if cfg.max_clips is not None and clip_index >= cfg.max_clips:
                 return
@@ -112,25 +186,33 @@ def iter_clips(container, source_uri: str, cfg: Config) -> Iterator[dict]:
 def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
     """Ray Data flat_map step: a listed video in, its clips out.
 
-    A video that cannot be read or decoded, or is too short, yields no clip and gets an error
-    row in OUTPUT/errors instead; nothing escapes to fail the run.
+    A video that cannot be read or decoded, is over a limit, or is too short yields no clip and
+    gets one error row in OUTPUT/errors instead; nothing escapes to fail the run. When all its
+    clips are cut, a marker records their ids so a rerun can skip the whole video.
     """
     import av
 
     uri = row["source_uri"]
-    stage, emitted = "read", 0
+    skip = frozenset(filter(None, row.get("skip_clips", "").split(",")))
+    stage, ids = "read", []
     try:
+        if row.get("size", 1) == 0:
+            raise EmptyFile("the file is empty (0 bytes)")
+        if row.get("size", 0) > cfg.max_bytes:
+            raise FileTooLarge(f"{row['size']} bytes exceed --max-bytes {cfg.max_bytes}")
         source = storage.open_for_decode(uri, cfg.s3_endpoint)
         stage = "decode"
         with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext(), \
                 av.open(source, mode="r") as container:
-            for clip in iter_clips(container, uri, cfg):
-                emitted += 1
-                yield clip
-    except TooShort as e:
-        sink.write_errors(cfg, [sink.error_row(uri, "sample", "TooShort", str(e))])
+            for cid, clip in iter_clips(container, uri, cfg, skip):
+                ids.append(cid)
+                if clip is not None:
+                    yield clip
     except Exception as e:  # noqa: BLE001 - any failure of one input is data, not a crash
+        stage = getattr(e, "stage", stage)
         message = str(e) or type(e).__name__
-        if emitted:
-            message = f"stopped after {emitted} clip(s): {message}"
+        if ids:
+            message = f"stopped after {len(ids)} clip(s): {message}"
         sink.write_errors(cfg, [sink.error_row(uri, stage, type(e).__name__, message)])
+        return
+    sink.write_marker(cfg, uri, ids)

@@ -32,6 +32,7 @@ class ModelInfo:
     scaling_factor: float
     shift_factor: float | None
     config: dict
+    weights_format: str = "unknown"  # safetensors | pickle | unknown (hub models)
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """An error message when ``num_frames`` is not k * temporal_ratio + 1, else None."""
@@ -93,6 +94,23 @@ def _read_config_file(source: str, subfolder: str | None, endpoint: str | None) 
         return None
 
 
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _weights_format(source: str, subfolder: str | None, endpoint: str | None) -> str:
+    """Which kind of weight files the model folder holds; hub models are checked at load."""
+    if _looks_like_hub_id(source):
+        return "unknown"
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(source, subfolder) if subfolder else source, endpoint)
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    if any(n.endswith(SAFE_WEIGHTS) for n in names):
+        return "safetensors"
+    return "pickle" if any(n.endswith(PICKLE_WEIGHTS) for n in names) else "unknown"
+
+
 def inspect_model(source: str, subfolder: str | None = None, endpoint: str | None = None) -> ModelInfo:
     """Read the VAE's config; with no subfolder given, use ``vae/`` when the model has one."""
     candidates = [subfolder] if subfolder is not None else [VAE_SUBFOLDER, None]
@@ -117,6 +135,7 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
         scaling_factor=float(config["scaling_factor"]),
         shift_factor=config.get("shift_factor"),
         config=config,
+        weights_format=_weights_format(source, chosen, endpoint),
         **FAMILIES[class_name](config),
     )
 

@@ -11,7 +11,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import decode, sink, sources  # noqa: E402
+from pipeline import decode, resume, sink, sources  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
@@ -32,7 +32,7 @@ def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> int:
         VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info},
         batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        **VAEEncoder.ray_resources(cfg))
+        **VAEEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info)},
         batch_size=None, batch_format="numpy")
@@ -80,11 +80,16 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     cfg = resolve_resources(cfg)
     sink.prepare_output(cfg)
     videos = sources.list_videos(cfg)
-    clips = encode_videos(cfg, info, videos) if videos else 0
+    todo = resume.load(cfg).pending(videos)
+    if todo:
+        sink.remove_success(cfg)
+    clips = encode_videos(cfg, info, todo) if todo else 0
     wall = time.perf_counter() - started
     summary = {
         "videos": len(videos),
-        "clips": clips,
+        "videos_already_done": len(videos) - len(todo),
+        "clips": sink.count_rows(cfg, sink.LATENTS_DIR),
+        "clips_this_run": clips,
         "errors": sink.count_rows(cfg, sink.ERRORS_DIR),
         "wall_time_s": round(wall, 3),
         "clips_per_s": round(clips / wall, 4) if wall > 0 else None,

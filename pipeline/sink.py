@@ -3,6 +3,7 @@
 Layout under OUTPUT:
   latents/part-<hash>.parquet   one row per clip; the hash is of the clip ids inside
   errors/err-<hash>.parquet     one row per input (or clip) that could not be encoded
+  _markers/vid-<hash>.parquet   per video: the ids of all its clips, once they are all cut
   _SUCCESS                      JSON written when the run completes
 
 File names derive from ids, never from input names, so a retried task rewrites the same file.
@@ -25,6 +26,7 @@ from pipeline.model import ModelInfo
 
 LATENTS_DIR = "latents"
 ERRORS_DIR = "errors"
+MARKERS_DIR = "_markers"  # a leading underscore: Parquet dataset readers of OUTPUT skip it
 SUCCESS = "_SUCCESS"
 METADATA_KEY = b"video_latents"
 LAYOUT = "TCHW"
@@ -40,6 +42,7 @@ CLIP_COLUMNS = {
     "height": pa.int32(),
     "width": pa.int32(),
 }
+MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), ("clip_ids", pa.list_(pa.string()))])
 ERROR_SCHEMA = pa.schema([
     ("source_uri", pa.string()),
     ("stage", pa.string()),
@@ -141,10 +144,26 @@ def error_row(source_uri: str, stage: str, error_type: str, message: str,
 
 
 def write_errors(cfg: Config, rows: list[dict]) -> str:
-    """Write error rows to their own file, named from the failing inputs so retries overwrite it."""
+    """Write error rows to their own file, named from the failing inputs (and clips): a retry
+    or a rerun overwrites it, so an input never has more than one outcome."""
     table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
-    keys = [f"{r['source_uri']}\0{r['clip_id'] or ''}\0{r['stage']}" for r in rows]
+    keys = [f"{r['source_uri']}\0{r['clip_id'] or ''}" for r in rows]
     return _write_table(cfg, ERRORS_DIR, _name("err", keys), table)
+
+
+def write_marker(cfg: Config, source_uri: str, clip_ids: list[str]) -> str:
+    """Record that every clip of a video was cut: once all are written, a rerun skips it."""
+    table = pa.Table.from_pylist([{"source_uri": source_uri, "clip_ids": clip_ids}], schema=MARKER_SCHEMA)
+    return _write_table(cfg, MARKERS_DIR, _name("vid", [source_uri]), table)
+
+
+def read_columns(cfg: Config, folder: str, columns: list[str]) -> pa.Table | None:
+    """Some columns of every Parquet file under OUTPUT/folder (None when there is none)."""
+    fs, path = storage.resolve(storage.join(cfg.output, folder), cfg.s3_endpoint)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns) if dataset.files else None
 
 
 def count_rows(cfg: Config, folder: str) -> int:
@@ -155,18 +174,20 @@ def count_rows(cfg: Config, folder: str) -> int:
         return 0
 
 
-def existing_output(cfg: Config) -> list[str]:
-    """The parts of a previous run found under OUTPUT."""
-    return [name for name in (LATENTS_DIR, ERRORS_DIR, SUCCESS)
-            if storage.exists(storage.join(cfg.output, name), cfg.s3_endpoint)]
+def remove_success(cfg: Config) -> None:
+    """Before changing OUTPUT: no reader may take it for finished while a run is under way."""
+    _delete(cfg, [SUCCESS])
 
 
 def prepare_output(cfg: Config) -> None:
     """With --overwrite, remove a previous run's output (``_SUCCESS`` first, so no reader
     mistakes a half-deleted folder for a finished one)."""
-    if not cfg.overwrite:
-        return
-    for name in (SUCCESS, LATENTS_DIR, ERRORS_DIR):
+    if cfg.overwrite:
+        _delete(cfg, [SUCCESS, LATENTS_DIR, ERRORS_DIR, MARKERS_DIR])
+
+
+def _delete(cfg: Config, names: list[str]) -> None:
+    for name in names:
         fs, path = storage.resolve(storage.join(cfg.output, name), cfg.s3_endpoint)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:

@@ -19,9 +19,14 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+# Throttling (503 SlowDown), 5xx and dropped connections are retried with exponential backoff.
+S3_MAX_ATTEMPTS = 10
+
+
 @functools.lru_cache(maxsize=16)
 def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs = {}
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+              "connect_timeout": 10, "request_timeout": 60}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)

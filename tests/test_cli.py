@@ -33,6 +33,8 @@ def good_args(tmp_path, tiny_vae):
     (["--resize", "pad"], "invalid choice"),
     (["--latent-mode", "mean"], "invalid choice"),
     (["--extensions", ","], "--extensions"),
+    (["--max-pixels", "0"], "--max-pixels"),
+    (["--decode-timeout", "0"], "--decode-timeout"),
 ])
 def test_bad_options_exit_2_with_one_line(good_args, capsys, extra, message):
     assert exit_code(good_args + extra) == 2
@@ -54,8 +56,9 @@ def test_missing_input_model_and_existing_output(good_args, tmp_path, capsys):
     assert main(missing_in) == 2 and "does not exist" in capsys.readouterr().err
     bad_model = [*good_args, "--model", str(tmp_path)]
     assert main(bad_model) == 2 and "no config.json" in capsys.readouterr().err
-    (tmp_path / "out" / "latents").mkdir(parents=True)
-    assert main(good_args) == 2 and "--overwrite" in capsys.readouterr().err
+    inside = list(good_args)
+    inside[2] = os.path.join(good_args[1], "latents-out")
+    assert main(inside) == 2 and "--force" in capsys.readouterr().err
     same = list(good_args)
     same[2] = same[1]
     assert main(same) == 2 and "differ" in capsys.readouterr().err

@@ -16,9 +16,9 @@ def cfg_for(tmp_path, **kw) -> Config:
     return Config(**{**base, **kw})
 
 
-def clips_of(path: str, cfg: Config) -> list[dict]:
+def clips_of(path: str, cfg: Config, skip=frozenset()) -> list[dict]:
     with av.open(path) as c:
-        return list(decode.iter_clips(c, path, cfg))
+        return [row for _cid, row in decode.iter_clips(c, path, cfg, skip) if row is not None]
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,60 @@ def test_decode_records_errors_instead_of_raising(tmp_path):
     assert "5 frames" in by_uri[short]["message"]
     assert by_uri[str(corrupt)]["stage"] == "decode" and by_uri[str(corrupt)]["message"]
     assert by_uri[str(tmp_path / "missing.mp4")]["stage"] == "read"
+
+
+def test_resume_skips_written_clips_but_keeps_frames_shared_with_others(video_20, tmp_path):
+    cfg = cfg_for(tmp_path, clip_stride=4)  # clips at 0, 4, 8 overlap
+    full = clips_of(video_20, cfg)
+    skip = frozenset({full[0]["clip_id"], full[2]["clip_id"]})
+    with av.open(video_20) as c:
+        ids = [cid for cid, _ in decode.iter_clips(c, video_20, cfg, skip)]
+    assert ids == [c["clip_id"] for c in full]  # every id is still reported, for the marker
+    (only,) = clips_of(video_20, cfg, skip)
+    assert only["clip_id"] == full[1]["clip_id"]
+    np.testing.assert_array_equal(only["frames"], full[1]["frames"])
+
+
+def test_a_finished_video_gets_a_marker_listing_all_its_clips(video_20, tmp_path):
+    cfg = cfg_for(tmp_path)
+    clips = list(decode.decode_clips({"source_uri": video_20, "size": 1}, cfg))
+    (marker,) = pq.read_table(os.path.join(cfg.output, "_markers")).to_pylist()
+    assert marker == {"source_uri": video_20, "clip_ids": [c["clip_id"] for c in clips]}
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_rotation_flag_is_applied(tmp_path, degrees):
+    # Coded 64 wide x 32 high, red on the left; the display matrix turns it upright.
+    frames = np.zeros((9, 32, 64, 3), np.uint8)
+    frames[:, :, :16, 0] = 255
+    path = str(tmp_path / "rot.mp4")
+    import av as _av
+    with _av.open(path, "w") as c:
+        st = c.add_stream("libx264", rate=24)
+        st.width, st.height, st.pix_fmt = 64, 32, "yuv444p"
+        st.set_display_rotation(degrees)
+        for f in frames:
+            for p in st.encode(_av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    # Counter-clockwise turns (np.rot90's sense), as the display matrix defines them.
+    expected = np.rot90(frames[0, :, :, 0], {90: 1, -90: 3, 180: 2}[degrees])
+    h, w = expected.shape
+    (clip,) = clips_of(path, cfg_for(tmp_path, height=h, width=w, resize="stretch"))
+    red = clip["frames"][0, 0].astype(int)  # [H, W] of the first frame, upright
+    assert np.abs(red - expected.astype(int)).mean() < 20
+
+
+@pytest.mark.parametrize("limit, stage, error_type, flag", [
+    ({"max_pixels": HEIGHT * WIDTH - 1}, "decode", "TooLarge", "--max-pixels"),
+    ({"max_bytes": 99}, "read", "FileTooLarge", "--max-bytes"),
+    ({"max_duration": 0.5}, "decode", "TooLong", "--max-duration"),  # the video runs 0.83 s
+    ({"decode_timeout": 1e-9}, "decode", "DecodeTimeout", "--decode-timeout"),
+])
+def test_limits_give_one_error_row(video_20, tmp_path, limit, stage, error_type, flag):
+    cfg = cfg_for(tmp_path, **limit)
+    assert list(decode.decode_clips({"source_uri": video_20, "size": 100}, cfg)) == []
+    (row,) = pq.read_table(os.path.join(cfg.output, "errors")).to_pylist()
+    assert (row["stage"], row["error_type"]) == (stage, error_type) and flag in row["message"]
+    assert list(decode.decode_clips({"source_uri": video_20, "size": 100}, cfg_for(tmp_path))) != []

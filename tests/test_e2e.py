@@ -115,6 +115,7 @@ def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, t
     latents, errors, success = read_output(str(tmp_path / "out"))
     check_output(latents, errors, success, video_dir, video_dir, tiny_vae, np.float32)
     assert success["config"]["latent_dtype"] == "float32" and success["clips_per_s"] > 0
+    assert success["clips_this_run"] == 5 and success["videos_already_done"] == 0
 
     # Read back with Ray, as the README shows.
     ds = ray_local.data.read_parquet(str(tmp_path / "out" / "latents"))
@@ -122,7 +123,9 @@ def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, t
     assert sum(len(b["latents"]) for b in batches) == 5
     assert tuple(batches[0]["latents"].shape[1:]) == (3, 4, HEIGHT // 8, WIDTH // 8)
 
-    assert main(args) == 2  # an existing output is not silently mixed with a new run
+    assert main(args) == 0  # a rerun of a finished job finds nothing to do
+    _, _, resumed = read_output(str(tmp_path / "out"))
+    assert (resumed["clips"], resumed["clips_this_run"], resumed["videos_already_done"]) == (5, 0, 6)
     assert main([*args, "--overwrite"]) == 0
     again, _, _ = read_output(str(tmp_path / "out"))
     key = lambda t: t.sort_by("clip_id")  # noqa: E731

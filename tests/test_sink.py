@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +67,9 @@ def test_errors_and_counts(tmp_path):
     assert rows[0]["message"] == "bad" and rows[1]["message"] == "RuntimeError"
     assert rows[1]["clip_id"] == "c" and rows[0]["clip_id"] is None
     assert sink.count_rows(cfg, sink.ERRORS_DIR) == 2
-    assert sink.existing_output(cfg) == ["errors"]
+    sink.write_marker(cfg, "u3", ["a", "b"])
+    assert sink.read_columns(cfg, sink.MARKERS_DIR, ["clip_ids"]).to_pylist() == [{"clip_ids": ["a", "b"]}]
+    sink.prepare_output(cfg)  # no --overwrite: nothing is removed
+    assert sorted(os.listdir(tmp_path)) == ["_markers", "errors"]
     sink.prepare_output(cfg.replace(overwrite=True))
-    assert sink.existing_output(cfg) == []
+    assert os.listdir(tmp_path) == []
