@@ -10,6 +10,9 @@ for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "t
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[_key] = _value
 os.environ.pop("AWS_ENDPOINT_URL", None)
+# The encoder's test-only crash hook (armed by creating this file); set before Ray starts.
+CRASH_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"video-latents-crash-{os.getpid()}")
+os.environ["VIDEO_LATENTS_TEST_CRASH_FILE"] = CRASH_FILE
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
