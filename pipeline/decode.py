@@ -194,7 +194,7 @@ def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
 
     uri = row["source_uri"]
     skip = frozenset(filter(None, row.get("skip_clips", "").split(",")))
-    stage, ids = "read", []
+    stage, ids, opened = "read", [], False
     try:
         if row.get("size", 1) == 0:
             raise EmptyFile("the file is empty (0 bytes)")
@@ -204,6 +204,7 @@ def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
         stage = "decode"
         with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext(), \
                 av.open(source, mode="r") as container:
+            opened = True
             for cid, clip in iter_clips(container, uri, cfg, skip):
                 ids.append(cid)
                 if clip is not None:
@@ -211,6 +212,8 @@ def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
     except Exception as e:  # noqa: BLE001 - any failure of one input is data, not a crash
         stage = getattr(e, "stage", stage)
         message = str(e) or type(e).__name__
+        if stage == "decode" and not opened:
+            message = f"not a readable video container (truncated, missing its index, or not a video): {message}"
         if ids:
             message = f"stopped after {len(ids)} clip(s): {message}"
         sink.write_errors(cfg, [sink.error_row(uri, stage, type(e).__name__, message)])

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -134,22 +135,40 @@ def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, t
                                   key(latents).column("latents").combine_chunks().to_numpy_ndarray())
 
 
-def test_run_py_as_a_script_from_another_directory(s3_server, s3_bucket, tiny_vae, tmp_path):
+def test_run_py_as_a_script_from_another_directory_and_no_secret_leaks(s3_server, s3_bucket, tiny_vae,
+                                                                       tmp_path):
     """As ``ray submit cluster.yaml pipeline/run.py encode ...`` runs it: a fresh process, its own
-    local Ray, S3 endpoint given as an option."""
+    local Ray, S3 endpoint given as an option. A known fake secret must appear in no log, no
+    error row, no metadata and no _SUCCESS."""
+    secret = "FAKE-SECRET-Zq9x7Lm2Vb4Nc8Rt"
     client, bucket = s3_bucket
     vids = tmp_path / "v"
     samples.write_video(str(vids / "x.mp4"), samples.synthetic_frames(9, HEIGHT, WIDTH))
+    (vids / "broken.mp4").write_bytes(b"garbage" * 100)
     upload_folder(client, bucket, str(vids), "in")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ""}
+    ray_tmp = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # to search Ray's own logs afterwards
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": "", "RAY_TMPDIR": ray_tmp,
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": secret + "-token"}
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "pipeline", "run.py"), "encode", f"s3://{bucket}/in",
          f"s3://{bucket}/out", "--model", tiny_vae, "--s3-endpoint", s3_server, *SHAPE_ARGS],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["videos"] == 1 and summary["clips"] == 1 and summary["errors"] == 0
+    assert summary["videos"] == 2 and summary["clips"] == 1 and summary["errors"] == 1
     body = client.get_object(Bucket=bucket, Key="out/_SUCCESS")["Body"].read()
     assert json.loads(body)["clips"] == 1
+
+    everything = [proc.stdout, proc.stderr]
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]:
+        everything.append(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode("latin-1"))
+    for root, _dirs, files in os.walk(ray_tmp):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    everything.append(fh.read().decode("latin-1"))
+    assert len(everything) > 10  # the Ray logs were really searched
+    assert not [t for t in everything if secret in t]
