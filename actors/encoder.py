@@ -79,6 +79,10 @@ class VAEEncoder:
         self.latent_dtype = getattr(torch, cfg.latent_dtype)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        else:
+            # Ray pins a 1-CPU actor to one thread; encoding is then the bottleneck by far, and
+            # the decode tasks are light beside it, so let torch use the node's cores.
+            torch.set_num_threads(os.cpu_count() or 1)
         self.vae = load_vae(cfg, info)
         self.scale = info.scaling_factor
         self.shift = info.shift_factor
