@@ -9,13 +9,13 @@ BIN    := $(VENV)/bin
 # from the CUDA index that matches your driver (see the README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Benchmarks (never part of the tests); the decode comparison needs Debian's ffmpeg.
+bench: install
+	$(BIN)/python -m bench --device cpu --quick
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -86,6 +86,7 @@ class VAEEncoder:
         self.vae = load_vae(cfg, info)
         self.scale = info.scaling_factor
         self.shift = info.shift_factor
+        self.mean, self.std = self._channel_stats(info)
         self.latent_shape = info.latent_shape(cfg.num_frames, cfg.height, cfg.width)
 
     def _to_device(self, frames: np.ndarray):
@@ -98,10 +99,26 @@ class VAEEncoder:
         # uint8 -> [-1, 1] in float32 first (as the reference does), then the compute dtype.
         return x.to(torch.float32).div_(127.5).sub_(1.0).to(self.dtype)
 
+    def _channel_stats(self, info: ModelInfo):
+        """Per-channel latents_mean/std as [1, C, 1, 1, 1] float32 tensors (None when absent)."""
+        torch = self.torch
+        if info.stats_in_weights:
+            pairs = (self.vae.latents_mean, self.vae.latents_std)
+        else:
+            pairs = (info.latents_mean, info.latents_std)
+        return tuple(None if v is None else
+                     torch.as_tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1, 1)
+                     for v in pairs)
+
     def _normalize(self, z):
+        """(z - shift - mean) * scale / std, in float32, as the family's pipelines apply it."""
+        z = z.float()
         if self.shift is not None:
             z = z - self.shift
-        return z * self.scale
+        if self.mean is not None:
+            z = z - self.mean
+        z = z * self.scale
+        return z / self.std if self.std is not None else z
 
     def encode(self, frames: np.ndarray, clip_ids) -> dict:
         """uint8 [B,3,F,H,W] -> {column: array [B,T,C,h,w]} for the configured latent mode."""

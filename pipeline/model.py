@@ -29,10 +29,13 @@ class ModelInfo:
     temporal_ratio: int
     spatial_ratio: int
     latent_channels: int
-    scaling_factor: float
+    scaling_factor: float  # 1.0 where the family's config has none
     shift_factor: float | None
     config: dict
     weights_format: str = "unknown"  # safetensors | pickle | unknown (hub models)
+    latents_mean: tuple | None = None  # per channel, from the config
+    latents_std: tuple | None = None
+    stats_in_weights: bool = False  # mean/std are buffers in the weights (LTX-Video)
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """An error message when ``num_frames`` is not k * temporal_ratio + 1, else None."""
@@ -49,26 +52,58 @@ class ModelInfo:
                 height // self.spatial_ratio, width // self.spatial_ratio)
 
     def normalization(self) -> dict:
-        """What is applied to the raw latent: (z - shift) * scaling_factor."""
-        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+        """What is applied to the raw latent z, as the family's diffusers pipelines do:
+        (z - shift_factor - latents_mean) * scaling_factor / latents_std, per channel."""
+        out = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+               "latents_mean": list(self.latents_mean) if self.latents_mean else None,
+               "latents_std": list(self.latents_std) if self.latents_std else None,
+               "formula": "(z - shift_factor - latents_mean) * scaling_factor / latents_std"}
+        if self.stats_in_weights:
+            out["latents_mean"] = out["latents_std"] = "model buffers latents_mean/latents_std"
+        if "invert_scale_latents" in self.config:  # CogVideoX 1.5: image conditioning depends on it
+            out["invert_scale_latents"] = bool(self.config["invert_scale_latents"])
+        return out
 
 
-def _cogvideox(config: dict) -> dict:
-    # As in diffusers' CogVideoX pipelines: 2 ** (levels - 1) spatially, the configured ratio in time.
-    return {
-        "temporal_ratio": int(config["temporal_compression_ratio"]),
-        "spatial_ratio": 2 ** (len(config["block_out_channels"]) - 1),
-    }
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
-# class name -> how to read its compression ratios from its config
+# class name -> its compression ratios, channels and normalisation statistics, read from its
+# config the way diffusers' own pipelines for that family read them.
 FAMILIES = {
-    "AutoencoderKLCogVideoX": _cogvideox,
+    "AutoencoderKLCogVideoX": lambda c: {
+        "temporal_ratio": int(c["temporal_compression_ratio"]),
+        "spatial_ratio": 2 ** (len(c["block_out_channels"]) - 1),
+        "latent_channels": int(c["latent_channels"]),
+    },
+    "AutoencoderKLHunyuanVideo": lambda c: {
+        "temporal_ratio": int(c["temporal_compression_ratio"]),
+        "spatial_ratio": int(c["spatial_compression_ratio"]),
+        "latent_channels": int(c["latent_channels"]),
+    },
+    "AutoencoderKLWan": lambda c: {  # Wan 2.1 and 2.2
+        "temporal_ratio": int(c["scale_factor_temporal"]),
+        "spatial_ratio": int(c["scale_factor_spatial"]),
+        "latent_channels": int(c["z_dim"]),
+    },
+    "AutoencoderKLLTXVideo": lambda c: {
+        "temporal_ratio": int(c.get("temporal_compression_ratio")
+                              or c["patch_size_t"] * 2 ** sum(c["spatio_temporal_scaling"])),
+        "spatial_ratio": int(c.get("spatial_compression_ratio")
+                             or c["patch_size"] * 2 ** sum(c["spatio_temporal_scaling"])),
+        "latent_channels": int(c["latent_channels"]),
+        "stats_in_weights": True,
+    },
+    "AutoencoderKLMochi": lambda c: {
+        "temporal_ratio": _prod(c["temporal_expansions"]),
+        "spatial_ratio": _prod(c["spatial_expansions"]),
+        "latent_channels": int(c["latent_channels"]),
+    },
 }
-
-
-def _is_local_dir(source: str) -> bool:
-    return not storage.is_s3(source) and os.path.isdir(os.path.expanduser(source))
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -127,15 +162,16 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
     if class_name not in FAMILIES:
         raise ModelError(f"--model: {class_name or 'unknown class'} is not a supported video VAE "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
+    stats = {k: tuple(config[k]) for k in ("latents_mean", "latents_std") if config.get(k) is not None}
     return ModelInfo(
         source=source,
         subfolder=chosen,
         class_name=class_name,
-        latent_channels=int(config["latent_channels"]),
-        scaling_factor=float(config["scaling_factor"]),
+        scaling_factor=float(config.get("scaling_factor") or 1.0),
         shift_factor=config.get("shift_factor"),
         config=config,
         weights_format=_weights_format(source, chosen, endpoint),
+        **stats,
         **FAMILIES[class_name](config),
     )
 

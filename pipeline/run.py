@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,11 +29,15 @@ def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> int:
     clips = ray.data.from_items(videos, override_num_blocks=min(len(videos), MAX_LIST_BLOCKS)) \
         .flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg})
     min_actors, max_actors = cfg.num_actors
-    latents = clips.map_batches(
-        VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info},
-        batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        **VAEEncoder.ray_options(cfg))
+    with warnings.catch_warnings():
+        # Ray 2.60 (pinned) deprecates passing max_task_retries this way, with no named
+        # replacement yet; revisit when upgrading Ray.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        latents = clips.map_batches(
+            VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info},
+            batch_size=cfg.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            **VAEEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info)},
         batch_size=None, batch_format="numpy")
@@ -63,13 +68,20 @@ def resolve_resources(cfg: Config) -> Config:
     """Fill in what depends on the cluster: device, compute dtype and the actor pool's size."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device == "cuda" else "float32")
     num_actors = cfg.num_actors
     if num_actors is None:
         most = max(1, int(gpus // cfg.gpus_per_actor)) if device == "cuda" else 1
         num_actors = (1, most)
+    if device == "cpu" and num_actors[1] > max(1, int(cpus) - 1):
+        # Each CPU actor holds a CPU for good: leave one for decoding, or the run deadlocks.
+        most = max(1, int(cpus) - 1)
+        print(f"video-latents: {int(cpus)} CPUs: using at most {most} CPU encoder actor(s) so "
+              "that decoding keeps a CPU", file=sys.stderr)
+        num_actors = (min(num_actors[0], most), most)
     return cfg.replace(device=device, dtype=dtype, num_actors=num_actors)
 
 

@@ -1,0 +1,21 @@
+"""Resolving what depends on the cluster, before the dataflow starts."""
+from pipeline.config import Config
+from pipeline.run import resolve_resources
+
+
+def test_auto_device_dtype_and_pool_on_a_cpu_cluster(ray_local, capsys):
+    cfg = resolve_resources(Config(input="i", output="o", model="m"))
+    assert (cfg.device, cfg.dtype, cfg.num_actors) == ("cpu", "float32", (1, 1))
+    assert capsys.readouterr().err == ""
+
+
+def test_cpu_actors_leave_a_cpu_for_decoding(ray_local, capsys):
+    """2 CPUs: two CPU actors would hold both and starve the decode tasks (a deadlock)."""
+    cfg = resolve_resources(Config(input="i", output="o", model="m", device="cpu", num_actors=(2, 4)))
+    assert cfg.num_actors == (1, 1)
+    assert "decoding keeps a CPU" in capsys.readouterr().err
+
+
+def test_cuda_keeps_the_requested_pool(ray_local):
+    cfg = resolve_resources(Config(input="i", output="o", model="m", device="cuda", num_actors=(2, 4)))
+    assert (cfg.device, cfg.dtype, cfg.num_actors) == ("cuda", "bfloat16", (2, 4))
