@@ -37,10 +37,13 @@ def _extensions(text: str) -> tuple[str, ...]:
 
 
 def _add_encode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", help="s3://bucket/prefix/, a local folder, or one file")
-    p.add_argument("output", metavar="OUTPUT", help="s3://bucket/prefix/ or a local folder")
-    p.add_argument("--model", required=True,
-                   help="a local diffusers model folder, a hub id, or an s3:// URI of a saved model")
+    p.add_argument("input", metavar="INPUT", nargs="?", help="s3://bucket/prefix/, a local folder, or one file")
+    p.add_argument("output", metavar="OUTPUT", nargs="?", help="s3://bucket/prefix/ or a local folder")
+    p.add_argument("--config", metavar="JOB.yaml",
+                   help="a YAML file of these options (input, output, model, num_frames, ...); "
+                        "options on the command line override it")
+    p.add_argument("--model",
+                   help="(required) a local diffusers model folder, a hub id, or an s3:// URI of a saved model")
     p.add_argument("--subfolder", default=None, help="the VAE's subfolder (default: vae/ when present)")
     p.add_argument("--num-frames", type=int, default=49, help="frames per clip (default 49)")
     p.add_argument("--height", type=int, default=480)
@@ -80,18 +83,73 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--force", action="store_true", help="allow OUTPUT inside INPUT")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(job_file_defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="video-latents", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_encode_options(sub.add_parser("encode", help="encode videos to VAE latents"))
+    encode_parser = sub.add_parser("encode", help="encode videos to VAE latents")
+    _add_encode_options(encode_parser)
+    if job_file_defaults:
+        encode_parser.set_defaults(**job_file_defaults)
     demo = sub.add_parser("demo", help="generate sample videos and a tiny VAE, then encode them locally")
     demo.add_argument("--workdir", default="demo-output", help="where inputs and outputs go")
+    info = sub.add_parser("inspect", help="summarise an OUTPUT: rows, shapes, model, errors, throughput")
+    info.add_argument("output", metavar="OUTPUT")
+    info.add_argument("--s3-endpoint", default=None)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
+def job_file_defaults(argv: list[str]) -> dict:
+    """Options from ``--config JOB.yaml`` (local or S3), as parser defaults; {} without one.
+
+    Keys are the long options' names, with ``_`` or ``-``; values as YAML reads them.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--s3-endpoint")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return {}
+    import yaml
+
+    from pipeline import storage
+
+    endpoint = known.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    try:
+        loaded = yaml.safe_load(storage.read_bytes(known.config, endpoint)) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {known.config}: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {known.config}: expected a mapping of option: value")
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_encode_options(probe)
+    actions = {a.dest: a for a in probe._actions}  # noqa: SLF001 - the option table argparse built
+    out = {}
+    for key, value in loaded.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise ConfigError(f"--config {known.config}: unknown option {key!r}")
+        action = actions[dest]
+        try:
+            if action.type in (_num_actors, _extensions):  # "1,4" or [1, 4], as on the command line
+                value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
+            elif action.type is not None and not isinstance(value, bool):
+                value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            raise ConfigError(f"--config {known.config}: bad value for {key}: {value!r}") from None
+        out[dest] = value
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    missing = [name for name in ("input", "output", "model") if not getattr(args, name, None)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(m.upper() if m != 'model' else '--model' for m in missing)} "
+                          "(give it on the command line or in --config)")
     fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
     fields["s3_endpoint"] = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    if isinstance(fields.get("num_actors"), list):
+        fields["num_actors"] = tuple(fields["num_actors"])
     return Config(**fields)
 
 
@@ -114,9 +172,19 @@ def encode(cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from pipeline.demo import demo
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(job_file_defaults(argv)).parse_args(argv)
+        if args.command == "demo":
+            from pipeline.demo import demo
 
-        return demo(args.workdir)
-    return encode(config_from_args(args))
+            return demo(args.workdir)
+        if args.command == "inspect":
+            from pipeline.report import inspect_command
+
+            return inspect_command(args.output, args.s3_endpoint, args.json)
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"video-latents: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return encode(cfg)

@@ -96,3 +96,54 @@ def test_help_and_validation_run_without_starting_ray(tmp_path):
                           "--model", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Ray" not in bad.stderr, bad.stderr
+
+
+def test_job_file_mirrors_the_options_and_the_cli_overrides_it(tmp_path, tiny_vae, monkeypatch):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {tmp_path}\noutput: {tmp_path / 'out'}\nmodel: {tiny_vae}\n"
+                   "num-frames: 9\nheight: 64\nwidth: 64\nnum_actors: 1,2\nextensions: [MP4, webm]\n"
+                   "tiling: true\nlatent_mode: sample\n")
+    argv = ["encode", "--config", str(job), "--height", "32"]
+    from pipeline.cli import job_file_defaults
+
+    cfg = config_from_args(build_parser(job_file_defaults(argv)).parse_args(argv))
+    assert (cfg.input, cfg.model, cfg.num_frames, cfg.width) == (str(tmp_path), tiny_vae, 9, 64)
+    assert cfg.height == 32  # the command line wins
+    assert cfg.num_actors == (1, 2) and cfg.extensions == ("mp4", "webm") and cfg.tiling
+    assert cfg.latent_mode == "sample"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("num_frame: 9\n", "unknown option 'num_frame'"),
+    ("- a list\n", "expected a mapping"),
+    ("output: o\nmodel: m\n", "missing INPUT"),
+    ("num_frames: many\n", "bad value for num_frames"),
+])
+def test_bad_job_files_exit_2(tmp_path, capsys, content, message):
+    job = tmp_path / "job.yaml"
+    job.write_text(content)
+    assert exit_code(["encode", "--config", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_summarises_an_output(tmp_path, capsys):
+    import json as _json
+
+    from pipeline import sink
+    from pipeline.config import Config
+    from tests.test_readers import write_output
+
+    write_output(str(tmp_path), files=2, per_file=3)
+    cfg = Config(input="i", output=str(tmp_path), model="m")
+    sink.write_errors(cfg, [sink.error_row("a.mp4", "sample", "TooShort", "short"),
+                            sink.error_row("b.mp4", "decode", "InvalidDataError", "bad")])
+    sink.write_success(cfg, {"videos": 4, "clips": 6, "wall_time_s": 2.0, "clips_per_s": 3.0})
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    summary = _json.loads(capsys.readouterr().out)
+    assert summary["clips"] == 6 and summary["files"] == 2 and summary["complete"]
+    assert summary["tensors"]["latents"] == {"shape": [3, 4, 8, 8], "dtype": "halffloat"}
+    assert summary["errors_by_type"] == {"sample/TooShort": 1, "decode/InvalidDataError": 1}
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "clips      6 in 2 files, from 2 of 4 videos" in text and "sample/TooShort" in text
