@@ -162,7 +162,7 @@ class VAEEncoder:
         kept, latents = self._drop_non_finite(kept, latents, clip_ids, uris, errors)
         if errors:
             sink.write_errors(self.cfg, errors)
-        out = {name: np.asarray(batch[name])[kept] for name in sink.CLIP_COLUMNS}
+        out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
         if not kept:  # every clip failed: empty columns of the usual shape keep one schema
             empty = np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype)
             latents = {k: empty for k in sink.tensor_columns(self.cfg.latent_mode)}

@@ -70,6 +70,11 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, any case (default {','.join(DEFAULT_EXTENSIONS)})")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="CSV, JSONL or Parquet (local or s3://) with a `uri` column, optional "
+                        "start_sec/end_sec (one clip per row) and any other columns, which are copied "
+                        "into the output rows; replaces INPUT")
+    p.add_argument("--fps", type=float, default=None, help="resample frames to this rate before cutting clips")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh, deleting a previous run's output (default: resume it)")
     limits = p.add_argument_group("limits on untrusted inputs")
@@ -142,7 +147,10 @@ def job_file_defaults(argv: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    missing = [name for name in ("input", "output", "model") if not getattr(args, name, None)]
+    if getattr(args, "manifest", None) and args.output is None:  # `encode OUTPUT --manifest m.csv`
+        args.input, args.output = None, args.input
+    required = ("output", "model") if getattr(args, "manifest", None) else ("input", "output", "model")
+    missing = [name for name in required if not getattr(args, name, None)]
     if missing:
         raise ConfigError(f"missing {', '.join(m.upper() if m != 'model' else '--model' for m in missing)} "
                           "(give it on the command line or in --config)")

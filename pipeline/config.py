@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    input: str
+    input: str | None  # None with --manifest
     output: str
     model: str
     subfolder: str | None = None
@@ -60,6 +60,10 @@ class Config:
     decode_timeout: float = 1800.0  # seconds of decoding per video
     allow_pickle: bool = False
     force: bool = False  # allow OUTPUT inside INPUT
+    fps: float | None = None  # resample in time before cutting clips
+    manifest: str | None = None  # CSV, JSONL or Parquet with a `uri` column
+    # The manifest's own columns (name, Arrow type), copied into the output rows: set by validate.
+    extra_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def stride(self) -> int:
@@ -107,10 +111,14 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.decode_timeout > 0, "--decode-timeout must be positive")
     _check(storage.is_s3(cfg.output) or not os.path.isfile(cfg.output),
            f"OUTPUT {cfg.output} is a file; give a folder or an s3:// prefix")
-    _check(_norm(cfg.input) != _norm(cfg.output), "OUTPUT must differ from INPUT")
-    _check(cfg.force or not _norm(cfg.output).startswith(_norm(cfg.input) + "/"),
-           "OUTPUT is inside INPUT, so a later run would list its own output; "
-           "choose another OUTPUT or pass --force")
+    _check(cfg.fps is None or cfg.fps > 0, "--fps must be positive")
+    _check((cfg.input is None) != (cfg.manifest is None), "give INPUT or --manifest, not both"
+           if cfg.input else "give INPUT (a folder, a file or an s3:// prefix) or --manifest")
+    if cfg.input is not None:
+        _check(_norm(cfg.input) != _norm(cfg.output), "OUTPUT must differ from INPUT")
+        _check(cfg.force or not _norm(cfg.output).startswith(_norm(cfg.input) + "/"),
+               "OUTPUT is inside INPUT, so a later run would list its own output; "
+               "choose another OUTPUT or pass --force")
 
 
 def _norm(uri: str) -> str:
@@ -129,10 +137,18 @@ def _check_shapes(cfg: Config, info: ModelInfo) -> None:
 def validate(cfg: Config) -> tuple[Config, ModelInfo]:
     """Check every option, the input and the model; return the config to run and the model info."""
     _check_options(cfg)
-    try:
-        _check(storage.exists(cfg.input, cfg.s3_endpoint), f"INPUT {cfg.input} does not exist")
-    except OSError as e:
-        raise ConfigError(f"INPUT {cfg.input} cannot be read: {_first_line(e)}") from None
+    if cfg.manifest:
+        from pipeline import sources
+
+        try:
+            cfg = cfg.replace(extra_columns=sources.manifest_extra_columns(cfg))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--manifest {cfg.manifest}: {_first_line(e)}") from None
+    else:
+        try:
+            _check(storage.exists(cfg.input, cfg.s3_endpoint), f"INPUT {cfg.input} does not exist")
+        except OSError as e:
+            raise ConfigError(f"INPUT {cfg.input} cannot be read: {_first_line(e)}") from None
     try:
         info = inspect_model(cfg.model, cfg.subfolder, cfg.s3_endpoint)
     except ModelError as e:

@@ -62,7 +62,10 @@ class DecodeTimeout(InputRejected):
 
 def clip_id(source_uri: str, start_frame: int, cfg: Config) -> str:
     """A stable id from the source and every parameter that defines the clip's pixels."""
-    key = json.dumps([source_uri, start_frame, cfg.num_frames, cfg.height, cfg.width, cfg.resize])
+    key = [source_uri, start_frame, cfg.num_frames, cfg.height, cfg.width, cfg.resize]
+    if cfg.fps:  # ids made before --fps existed stay the same
+        key.append(cfg.fps)
+    key = json.dumps(key)
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
@@ -144,11 +147,51 @@ def _check_frame(frame, deadline: float, cfg: Config) -> None:
         raise DecodeTimeout(f"decoding took longer than --decode-timeout {cfg.decode_timeout:g} s")
 
 
-def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset()
-               ) -> Iterator[tuple[str, dict | None]]:
+def _decoded(container, stream, cfg: Config, span) -> Iterator:
+    """Decoded frames in order, each checked against the limits, kept to the time span
+    [start_sec, end_sec) when one is given (seeking to its start, not decoding up to it)."""
+    begin, end = span
+    deadline = time.monotonic() + cfg.decode_timeout
+    if begin:
+        container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        _check_frame(frame, deadline, cfg)
+        t = frame.time
+        if t is not None and begin is not None and t < begin - 1e-6:
+            continue
+        if t is not None and end is not None and t >= end - 1e-6:
+            return
+        yield frame
+
+
+def resample(frames, fps: float) -> Iterator:
+    """Frames at ``fps``: for each target time, the decoded frame nearest to it, the earlier on a
+    tie (frames repeat when upsampling and are dropped when downsampling). Starts at the first
+    frame's time."""
+    step, target, prev = 1.0 / fps, None, None
+    for frame in frames:
+        if frame.time is None:
+            raise NoVideoStream("--fps needs frame timestamps, and this stream has none")
+        if prev is None:
+            target = frame.time
+        else:
+            midpoint = (prev.time + frame.time) / 2
+            while target <= midpoint + 1e-9:  # a tie goes to the earlier frame
+                yield prev
+                target += step
+        prev = frame
+    while prev is not None and target <= prev.time + 1e-9:
+        yield prev
+        target += step
+
+
+def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset(),
+               span: tuple[float | None, float | None] = (None, None)) -> Iterator[tuple[str, dict | None]]:
     """Yield ``(clip_id, row)`` per clip; row is None for a clip in ``skip`` (already written).
 
-    A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous.
+    A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous. With a
+    time span (a manifest's start_sec/end_sec), the one clip starts at the span's first frame.
+    Frame indices count the frames after ``--fps`` resampling, from the start of the video.
     """
     from av.video.reformatter import VideoReformatter
 
@@ -156,40 +199,49 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else 0.0
-    deadline = time.monotonic() + cfg.decode_timeout
-    window: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
+    fps = cfg.fps or (float(rate) if rate else 0.0)
+    if span != (None, None):
+        cfg = cfg.replace(max_clips=1)
+    frames = _decoded(container, stream, cfg, span)
+    if cfg.fps:
+        frames = resample(frames, cfg.fps)
+    recent: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
     reformatter = VideoReformatter()
-    clip_index, seen = 0, 0
-    for i, frame in enumerate(container.decode(stream)):
+    clip_index, seen, offset = 0, 0, None
+    for i, frame in enumerate(frames):
         seen = i + 1
-        _check_frame(frame, deadline, cfg)
+        if offset is None:  # the first frame's index in the video, at the output frame rate
+            offset = round(frame.time * fps) if frame.time and fps else 0
         owners = clips_containing(i, cfg)
         if not owners:
             continue
         # A frame only in clips already written needs no pixels; None keeps the window's count.
-        wanted = not skip or any(clip_id(source_uri, k * cfg.stride, cfg) not in skip for k in owners)
-        window.append(frame_to_rgb(frame, cfg, reformatter) if wanted else None)
+        wanted = not skip or any(clip_id(source_uri, offset + k * cfg.stride, cfg) not in skip
+                                 for k in owners)
+        recent.append(frame_to_rgb(frame, cfg, reformatter) if wanted else None)
         start = clip_index * cfg.stride
         if i == start + cfg.num_frames - 1:
-            cid = clip_id(source_uri, start, cfg)
+            cid = clip_id(source_uri, offset + start, cfg)
             row = None if cid in skip else {
                 "clip_id": cid,
                 "source_uri": source_uri,
                 "clip_index": clip_index,
-                "start_frame": start,
+                "start_frame": offset + start,
                 "num_frames": cfg.num_frames,
                 "fps": fps,
                 "height": cfg.height,
                 "width": cfg.width,
-                "frames": to_clip_layout(window),
+                "frames": to_clip_layout(recent),
             }
             yield cid, row
             clip_index += 1
             if cfg.max_clips is not None and clip_index >= cfg.max_clips:
                 return
     if clip_index == 0:
-        raise TooShort(f"the video has {seen} frames; one clip needs {cfg.num_frames} (--num-frames)")
+        where = "" if span == (None, None) else f" between {span[0] or 0:g} s and {span[1] or 'the end'} s"
+        raise TooShort(f"the video has {seen} frames{where}"
+                       f"{f' at {cfg.fps:g} fps' if cfg.fps else ''}; one clip needs {cfg.num_frames} "
+                       "(--num-frames)")
 
 
 def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
@@ -201,22 +253,29 @@ def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
     """
     import av
 
-    uri = row["source_uri"]
+    uri = row["source_uri"]  # for a manifest row with a time span: path#t=start,end
+    path = row.get("path") or uri
+    span = (row.get("start_sec"), row.get("end_sec"))
     skip = frozenset(filter(None, row.get("skip_clips", "").split(",")))
     stage, ids, opened = "read", [], False
     try:
-        if row.get("size", 1) == 0:
+        size = row.get("size")
+        if size is None or size < 0:  # a manifest gives no size: ask the store
+            size = storage.size(path, cfg.s3_endpoint)
+        if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
-        if row.get("size", 0) > cfg.max_bytes:
-            raise FileTooLarge(f"{row['size']} bytes exceed --max-bytes {cfg.max_bytes}")
-        source = storage.open_for_decode(uri, cfg.s3_endpoint)
+        if size > cfg.max_bytes:
+            raise FileTooLarge(f"{size} bytes exceed --max-bytes {cfg.max_bytes}")
+        source = storage.open_for_decode(path, cfg.s3_endpoint)
         stage = "decode"
         with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext(), \
                 av.open(source, mode="r") as container:
             opened = True
-            for cid, clip in iter_clips(container, uri, cfg, skip):
+            for cid, clip in iter_clips(container, uri, cfg, skip, span):
                 ids.append(cid)
                 if clip is not None:
+                    if "extra" in row:  # a manifest's own columns, carried to the output row
+                        clip["extra"] = row["extra"]
                     yield clip
     except Exception as e:  # noqa: BLE001 - any failure of one input is data, not a crash
         stage = getattr(e, "stage", stage)

@@ -112,11 +112,31 @@ def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
     return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
+def passthrough_columns(batch: dict) -> tuple[str, ...]:
+    """The columns that travel unchanged from the decode step to the writer."""
+    return tuple(CLIP_COLUMNS) + (("extra",) if "extra" in batch else ())
+
+
+def _extra_arrays(batch: dict, cfg: Config):
+    """A manifest's own columns, from the JSON each clip row carries, with the manifest's types."""
+    records = [json.loads(x) for x in np.asarray(batch["extra"]).tolist()]
+    for name, alias in cfg.extra_columns:
+        typ = pa.type_for_alias(alias)
+        values = [r.get(name) for r in records]
+        if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+            values = [None if v is None else str(v) for v in values]
+        yield name, pa.array(values, type=typ)
+
+
 def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
     arrays, fields = [], []
     for name, typ in CLIP_COLUMNS.items():
         arrays.append(pa.array(np.asarray(batch[name]).tolist(), type=typ))
         fields.append(pa.field(name, typ))
+    if cfg.extra_columns and "extra" in batch:
+        for name, array in _extra_arrays(batch, cfg):
+            arrays.append(array)
+            fields.append(pa.field(name, array.type))
     for name in tensor_columns(cfg.latent_mode):
         tensor = tensor_array(batch[name])
         arrays.append(tensor)

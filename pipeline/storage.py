@@ -69,6 +69,15 @@ def exists(uri: str, endpoint: str | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def size(uri: str, endpoint: str | None = None) -> int:
+    """Bytes in a file; FileNotFoundError when there is none."""
+    fs, path = resolve(uri, endpoint)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {uri}")
+    return int(info.size)
+
+
 def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
     fs, path = resolve(uri, endpoint)
     with fs.open_input_stream(path) as f:
