@@ -41,7 +41,45 @@ def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> int:
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info)},
         batch_size=None, batch_format="numpy")
-    return sum(int(row["num_rows"]) for row in written.iter_rows())
+    progress = Progress(len(videos))
+    for row in written.iter_rows():
+        progress.update(int(row["num_rows"]), row["sources"].split("\n"))
+    return progress.clips
+
+
+# Seconds between one-line progress summaries on stderr.
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """A one-line summary every PROGRESS_EVERY_S: clips, clips/s, videos, elapsed, ETA.
+
+    The ETA extrapolates from the share of videos that have clips written; an estimate, since
+    videos differ in length."""
+
+    def __init__(self, total_videos: int):
+        self.total, self.clips, self.videos = total_videos, 0, set()
+        self.started = self.last = time.perf_counter()
+
+    def update(self, clips: int, sources: list[str]) -> None:
+        self.clips += clips
+        self.videos.update(sources)
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.started
+        done = len(self.videos)
+        eta = f"{_clock(elapsed * (self.total - done) / done)}" if done else "?"
+        return (f"video-latents: {self.clips} clips ({self.clips / elapsed:.2f}/s), videos with clips "
+                f"{done}/{self.total}, elapsed {_clock(elapsed)}, ETA ~{eta}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def connect_ray() -> None:

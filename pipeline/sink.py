@@ -149,10 +149,13 @@ def write_latents(batch: dict, cfg: Config, metadata_json: str) -> dict:
     """Ray Data map_batches step: write one Parquet file for the batch; return what was written."""
     n = len(batch["clip_id"])
     if n == 0:
-        return {"path": np.array([], dtype=object), "num_rows": np.array([], dtype=np.int64)}
+        return {"path": np.array([], dtype=object), "num_rows": np.array([], dtype=np.int64),
+                "sources": np.array([], dtype=object)}
     table = latents_table(batch, cfg, metadata_json)
     path = _write_table(cfg, LATENTS_DIR, _name("part", batch["clip_id"]), table)
-    return {"path": np.array([path], dtype=object), "num_rows": np.array([n], dtype=np.int64)}
+    sources = "\n".join(sorted(set(np.asarray(batch["source_uri"]).tolist())))  # for progress
+    return {"path": np.array([path], dtype=object), "num_rows": np.array([n], dtype=np.int64),
+            "sources": np.array([sources], dtype=object)}
 
 
 def error_row(source_uri: str, stage: str, error_type: str, message: str,

@@ -19,3 +19,15 @@ def test_cpu_actors_leave_a_cpu_for_decoding(ray_local, capsys):
 def test_cuda_keeps_the_requested_pool(ray_local):
     cfg = resolve_resources(Config(input="i", output="o", model="m", device="cuda", num_actors=(2, 4)))
     assert (cfg.device, cfg.dtype, cfg.num_actors) == ("cuda", "bfloat16", (2, 4))
+
+
+def test_progress_line(monkeypatch, capsys):
+    from pipeline import run
+
+    monkeypatch.setattr(run, "PROGRESS_EVERY_S", 0.0)
+    progress = run.Progress(total_videos=4)
+    progress.update(3, ["a", "b"])
+    progress.update(2, ["b"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and progress.clips == 5
+    assert "5 clips" in lines[1] and "videos with clips 2/4" in lines[1] and "ETA ~0:00:0" in lines[1]
