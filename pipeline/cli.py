@@ -97,6 +97,13 @@ def build_parser(job_file_defaults: dict | None = None) -> argparse.ArgumentPars
         encode_parser.set_defaults(**job_file_defaults)
     demo = sub.add_parser("demo", help="generate sample videos and a tiny VAE, then encode them locally")
     demo.add_argument("--workdir", default="demo-output", help="where inputs and outputs go")
+    prev = sub.add_parser("preview", help="decode a sample of latents back and compare with the source")
+    prev.add_argument("output", metavar="OUTPUT")
+    prev.add_argument("--model", required=True, help="the VAE the run used")
+    prev.add_argument("--n", type=int, default=8, help="clips to preview")
+    prev.add_argument("--out", default=None, help="where to write (default OUTPUT/preview/)")
+    prev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    prev.add_argument("--s3-endpoint", default=None)
     info = sub.add_parser("inspect", help="summarise an OUTPUT: rows, shapes, model, errors, throughput")
     info.add_argument("output", metavar="OUTPUT")
     info.add_argument("--s3-endpoint", default=None)
@@ -187,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.demo import demo
 
             return demo(args.workdir)
+        if args.command == "preview":
+            from pipeline.preview import preview_command
+
+            return preview_command(args.output, args.model, args.n, args.out, args.s3_endpoint, args.device)
         if args.command == "inspect":
             from pipeline.report import inspect_command
 
