@@ -136,46 +136,64 @@ class VAEEncoder:
             return {k: v.permute(0, 2, 1, 3, 4).to(self.latent_dtype).contiguous().cpu().numpy()
                     for k, v in out.items()}
 
-    def _encode_each(self, frames, clip_ids, source_uris, errors) -> tuple[list[int], dict]:
-        """After a batch failed: encode clip by clip so one bad clip costs only itself."""
-        kept, parts = [], []
-        for i, cid in enumerate(clip_ids):
+    def _encode_group(self, clips: np.ndarray, idx: list[int], clip_ids, uris, errors) -> dict:
+        """Encode clips of one shape together; if that fails (say, out of memory), clip by clip,
+        so one bad clip costs only itself. Returns {batch index: {column: [T, C, h, w]}}."""
+        try:
+            out = self.encode(clips, [clip_ids[i] for i in idx])
+            return {i: {k: v[j] for k, v in out.items()} for j, i in enumerate(idx)}
+        except Exception as e:  # noqa: BLE001 - retried clip by clip below
+            log.warning("batch of %d failed to encode (%s); retrying clip by clip", len(idx), e)
+            if self.device.type == "cuda":
+                self.torch.cuda.empty_cache()
+        done = {}
+        for j, i in enumerate(idx):
             try:
-                parts.append(self.encode(frames[i:i + 1], [cid]))
-                kept.append(i)
+                out = self.encode(clips[j:j + 1], [clip_ids[i]])
+                done[i] = {k: v[0] for k, v in out.items()}
             except Exception as e:  # noqa: BLE001 - becomes this clip's error row
-                errors.append(sink.error_row(source_uris[i], "encode", type(e).__name__, str(e), cid))
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        return kept, merged
+                errors.append(sink.error_row(uris[i], "encode", type(e).__name__, str(e), clip_ids[i]))
+        return done
 
     def __call__(self, batch: dict) -> dict:
         _maybe_crash()
         frames, clip_ids, uris = batch["frames"], list(batch["clip_id"]), list(batch["source_uri"])
         errors: list[dict] = []
-        try:
-            latents, kept = self.encode(frames, clip_ids), list(range(len(clip_ids)))
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory on a large batch
-            log.warning("batch of %d failed to encode (%s); retrying clip by clip", len(clip_ids), e)
-            if self.device.type == "cuda":
-                self.torch.cuda.empty_cache()
-            kept, latents = self._encode_each(frames, clip_ids, uris, errors)
-        kept, latents = self._drop_non_finite(kept, latents, clip_ids, uris, errors)
+        encoded: dict[int, dict] = {}
+        for idx in _same_shape_groups(frames):  # with --buckets a batch may mix shapes
+            clips = frames[idx] if frames.dtype != object else np.stack([frames[i] for i in idx])
+            encoded.update(self._encode_group(clips, idx, clip_ids, uris, errors))
+        for i, columns in list(encoded.items()):
+            if not all(np.isfinite(v).all() for v in columns.values()):
+                del encoded[i]
+                errors.append(sink.error_row(uris[i], "encode", "NonFinite",
+                                             "the VAE produced NaN or infinite latents", clip_ids[i]))
         if errors:
             sink.write_errors(self.cfg, errors)
+        kept = sorted(encoded)
         out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
-        if not kept:  # every clip failed: empty columns of the usual shape keep one schema
-            empty = np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype)
-            latents = {k: empty for k in sink.tensor_columns(self.cfg.latent_mode)}
-        return {**out, **latents}
+        for name in sink.tensor_columns(self.cfg.latent_mode):
+            out[name] = _stack([encoded[i][name] for i in kept],
+                               empty=np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype))
+        return out
 
-    @staticmethod
-    def _drop_non_finite(kept, latents, clip_ids, uris, errors):
-        if not kept:
-            return kept, latents
-        finite = np.logical_and.reduce(
-            [np.isfinite(a).reshape(len(a), -1).all(axis=1) for a in latents.values()])
-        for j in np.flatnonzero(~finite):
-            i = kept[j]
-            errors.append(sink.error_row(uris[i], "encode", "NonFinite",
-                                         "the VAE produced NaN or infinite latents", clip_ids[i]))
-        return [i for i, ok in zip(kept, finite) if ok], {k: v[finite] for k, v in latents.items()}
+
+def _same_shape_groups(frames) -> list[list[int]]:
+    """Batch indices grouped by clip shape, in first-seen order (one group without --buckets)."""
+    if frames.dtype != object:
+        return [list(range(len(frames)))]
+    groups: dict[tuple, list[int]] = {}
+    for i, clip in enumerate(frames):
+        groups.setdefault(clip.shape, []).append(i)
+    return list(groups.values())
+
+
+def _stack(arrays: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+    """One [B, ...] array when the shapes agree, else an object array Ray stores as ragged."""
+    if not arrays:
+        return empty
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    ragged = np.empty(len(arrays), dtype=object)
+    ragged[:] = arrays
+    return ragged

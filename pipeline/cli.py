@@ -32,6 +32,16 @@ def _num_actors(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def _buckets(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        sizes = tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW[,HxW...], got {text!r}") from None
+    if not sizes or any(len(s) != 2 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected HxW[,HxW...], got {text!r}")
+    return sizes
+
+
 def _extensions(text: str) -> tuple[str, ...]:
     return tuple(e.strip().lstrip(".").lower() for e in text.split(",") if e.strip())
 
@@ -75,6 +85,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "start_sec/end_sec (one clip per row) and any other columns, which are copied "
                         "into the output rows; replaces INPUT")
     p.add_argument("--fps", type=float, default=None, help="resample frames to this rate before cutting clips")
+    p.add_argument("--buckets", type=_buckets, default=(), metavar="HxW[,HxW...]",
+                   help="aspect-ratio buckets, e.g. 480x720,720x480: each video is encoded at the one "
+                        "nearest its aspect ratio (replaces --height/--width)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh, deleting a previous run's output (default: resume it)")
     limits = p.add_argument_group("limits on untrusted inputs")
@@ -143,7 +156,7 @@ def job_file_defaults(argv: list[str]) -> dict:
             raise ConfigError(f"--config {known.config}: unknown option {key!r}")
         action = actions[dest]
         try:
-            if action.type in (_num_actors, _extensions):  # "1,4" or [1, 4], as on the command line
+            if action.type in (_num_actors, _extensions, _buckets):  # "1,4" or [1, 4], as on the command line
                 value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
             elif action.type is not None and not isinstance(value, bool):
                 value = action.type(value)
@@ -165,6 +178,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields["s3_endpoint"] = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     if isinstance(fields.get("num_actors"), list):
         fields["num_actors"] = tuple(fields["num_actors"])
+    if fields.get("buckets"):  # the first bucket stands for the run's size in its summary
+        fields["height"], fields["width"] = fields["buckets"][0]
     return Config(**fields)
 
 

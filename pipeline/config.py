@@ -61,6 +61,7 @@ class Config:
     allow_pickle: bool = False
     force: bool = False  # allow OUTPUT inside INPUT
     fps: float | None = None  # resample in time before cutting clips
+    buckets: tuple[tuple[int, int], ...] = ()  # (height, width) sizes; each video takes the nearest aspect
     manifest: str | None = None  # CSV, JSONL or Parquet with a `uri` column
     # The manifest's own columns (name, Arrow type), copied into the output rows: set by validate.
     extra_columns: tuple[tuple[str, str], ...] = ()
@@ -132,6 +133,10 @@ def _check_shapes(cfg: Config, info: ModelInfo) -> None:
     _check(cfg.height % r == 0 and cfg.width % r == 0,
            f"--height {cfg.height} and --width {cfg.width} must be multiples of {r}, "
            f"the spatial compression of {info.class_name}")
+    for h, w in cfg.buckets:
+        _check(h % r == 0 and w % r == 0 and h > 0 and w > 0,
+               f"--buckets {h}x{w}: both sides must be positive multiples of {r}, "
+               f"the spatial compression of {info.class_name}")
 
 
 def validate(cfg: Config) -> tuple[Config, ModelInfo]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -81,6 +82,12 @@ def resize_plan(src_w: int, src_h: int, cfg: Config) -> tuple[int, int, int, int
     w = max(cfg.width, math.ceil(src_w * scale - 1e-6))
     h = max(cfg.height, math.ceil(src_h * scale - 1e-6))
     return w, h, (w - cfg.width) // 2, (h - cfg.height) // 2
+
+
+def choose_bucket(width: int, height: int, buckets) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is nearest the frame's (in log ratio)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(aspect - math.log(b[1] / b[0])), b))
 
 
 def quarter_turns(frame) -> int:
@@ -205,6 +212,14 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     frames = _decoded(container, stream, cfg, span)
     if cfg.fps:
         frames = resample(frames, cfg.fps)
+    if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed
+        first = next(frames, None)
+        if first is not None:
+            turns = quarter_turns(first)
+            shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
+            height, width = choose_bucket(*shown, cfg.buckets)
+            cfg = cfg.replace(height=height, width=width)
+            frames = itertools.chain([first], frames)
     recent: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
     reformatter = VideoReformatter()
     clip_index, seen, offset = 0, 0, None

@@ -145,17 +145,40 @@ def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _by_latent_shape(batch: dict, cfg: Config) -> list[dict]:
+    """Split a batch into sub-batches of one latent shape each (one unless --buckets), with the
+    tensor columns stacked into [N, T, C, h, w] arrays."""
+    first = batch[tensor_columns(cfg.latent_mode)[0]]
+    if first.dtype != object:
+        return [batch]
+    groups: dict[tuple, list[int]] = {}
+    for i, value in enumerate(first):
+        groups.setdefault(np.asarray(value).shape, []).append(i)
+    parts = []
+    for idx in groups.values():
+        part = {}
+        for name, values in batch.items():
+            values = np.asarray(values)
+            part[name] = np.stack([values[i] for i in idx]) if name in tensor_columns(cfg.latent_mode) \
+                else values[idx]
+        parts.append(part)
+    return parts
+
+
 def write_latents(batch: dict, cfg: Config, metadata_json: str) -> dict:
-    """Ray Data map_batches step: write one Parquet file for the batch; return what was written."""
-    n = len(batch["clip_id"])
-    if n == 0:
-        return {"path": np.array([], dtype=object), "num_rows": np.array([], dtype=np.int64),
-                "sources": np.array([], dtype=object)}
-    table = latents_table(batch, cfg, metadata_json)
-    path = _write_table(cfg, LATENTS_DIR, _name("part", batch["clip_id"]), table)
-    sources = "\n".join(sorted(set(np.asarray(batch["source_uri"]).tolist())))  # for progress
-    return {"path": np.array([path], dtype=object), "num_rows": np.array([n], dtype=np.int64),
-            "sources": np.array([sources], dtype=object)}
+    """Ray Data map_batches step: write the batch as Parquet, one file per latent shape (one file
+    unless --buckets); return what was written."""
+    paths, counts, sources = [], [], []
+    for part in _by_latent_shape(batch, cfg) if len(batch["clip_id"]) else []:
+        meta = json.loads(metadata_json)
+        if "latent_shape" in meta:  # per file: with --buckets, files differ
+            meta["latent_shape"] = list(part[tensor_columns(cfg.latent_mode)[0]].shape[1:])
+        table = latents_table(part, cfg, json.dumps(meta, sort_keys=True))
+        paths.append(_write_table(cfg, LATENTS_DIR, _name("part", part["clip_id"]), table))
+        counts.append(len(part["clip_id"]))
+        sources.append("\n".join(sorted(set(np.asarray(part["source_uri"]).tolist()))))  # for progress
+    return {"path": np.array(paths, dtype=object), "num_rows": np.array(counts, dtype=np.int64),
+            "sources": np.array(sources, dtype=object)}
 
 
 def error_row(source_uri: str, stage: str, error_type: str, message: str,
