@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m pipeline demo --workdir demo-output
 
+# The autoscaler test stops every Ray on the machine, so it runs after the rest, on its own.
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not autoscaler"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m autoscaler
 
 # Benchmarks (never part of the tests); the decode comparison needs Debian's ffmpeg.
 bench: install
