@@ -72,3 +72,79 @@ def inspect_command(output: str, s3_endpoint: str | None, as_json: bool) -> int:
     if summary.get("clips_per_s") is not None:
         print(f"  throughput {summary['clips_per_s']} clips/s over {summary['wall_time_s']} s")
     return 0
+
+
+# --- report.html: written by each run next to _SUCCESS; plain HTML with inline SVG -------------
+
+def _svg_line(points: list[tuple[float, float]], xlabel: str, ylabel: str, w=520, h=220) -> str:
+    if len(points) < 2:
+        return "<p>(not enough points)</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_max, y_max = max(xs) or 1, max(ys) or 1
+    px = lambda x: 50 + (w - 70) * x / x_max  # noqa: E731
+    py = lambda y: h - 30 - (h - 50) * y / y_max  # noqa: E731
+    path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+    return (f'<svg width="{w}" height="{h}" role="img"><polyline fill="none" stroke="#2b6cb0" stroke-width="2" '
+            f'points="{path}"/><line x1="50" y1="{h - 30}" x2="{w - 20}" y2="{h - 30}" stroke="#999"/>'
+            f'<line x1="50" y1="20" x2="50" y2="{h - 30}" stroke="#999"/>'
+            f'<text x="{w / 2}" y="{h - 5}" text-anchor="middle">{xlabel} (0 to {x_max:g})</text>'
+            f'<text x="5" y="15">{ylabel} (max {y_max:g})</text></svg>')
+
+
+def _svg_bars(items: list[tuple[str, int]], w=520, bar=22) -> str:
+    if not items:
+        return "<p>none</p>"
+    top = max(v for _, v in items) or 1
+    rows = []
+    for i, (label, value) in enumerate(items):
+        y = 5 + i * (bar + 6)
+        rows.append(f'<rect x="200" y="{y}" width="{(w - 260) * value / top:.1f}" height="{bar}" fill="#2b6cb0"/>'
+                    f'<text x="195" y="{y + bar - 6}" text-anchor="end">{_escape(label)}</text>'
+                    f'<text x="{205 + (w - 260) * value / top:.1f}" y="{y + bar - 6}">{value}</text>')
+    return f'<svg width="{w}" height="{10 + len(items) * (bar + 6)}" role="img">{"".join(rows)}</svg>'
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def binned_rate(timeline: list[tuple[float, int]], bins: int = 20) -> list[tuple[float, float]]:
+    """Clips/s over equal time bins (write results come in bursts; per-result rates are noise)."""
+    if len(timeline) < 2 or timeline[-1][0] <= 0:
+        return []
+    width = timeline[-1][0] / bins
+
+    def written_by(t):
+        return max((c for s, c in timeline if s <= t + 1e-9), default=0)
+
+    return [(round((b + 1) * width, 3), (written_by((b + 1) * width) - written_by(b * width)) / width)
+            for b in range(bins)]
+
+
+def clips_per_video_histogram(cfg) -> list[tuple[str, int]]:
+    """How many videos gave 1, 2, ... clips (the length of the videos, in clips)."""
+    latents = sink.read_columns(cfg, sink.LATENTS_DIR, ["source_uri"])
+    if latents is None:
+        return []
+    per_video = Counter(latents.column("source_uri").to_pylist())
+    counts = Counter(per_video.values())
+    return [(f"{k} clip{'s' if k > 1 else ''}", counts[k]) for k in sorted(counts)]
+
+
+def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
+    """OUTPUT/report.html: throughput over time, errors by type, clips per video."""
+    info = summarize(cfg.output, cfg.s3_endpoint)
+    rates = binned_rate(timeline)
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>video-latents report</title>
+<style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}} td{{padding:2px 12px}}</style></head><body>
+<h1>video-latents run</h1>
+<table>{''.join(f'<tr><td>{_escape(k)}</td><td>{_escape(v)}</td></tr>' for k, v in summary.items())}
+<tr><td>model</td><td>{_escape(cfg.model)} ({_escape(info.get('vae_class'))})</td></tr></table>
+<h2>Clips written over time</h2>{_svg_line(timeline, "seconds", "clips")}
+<h2>Throughput</h2>{_svg_line(rates, "seconds", "clips/s")}
+<h2>Errors by type</h2>{_svg_bars(list(info['errors_by_type'].items()))}
+<h2>Clips per video</h2>{_svg_bars(clips_per_video_histogram(cfg))}
+</body></html>"""
+    uri = storage.join(cfg.output, sink.REPORT)
+    storage.write_bytes_atomic(uri, body.encode(), cfg.s3_endpoint)
+    return uri

@@ -12,7 +12,7 @@ import warnings
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import decode, resume, sink, sources  # noqa: E402
+from pipeline import decode, report, resume, sink, sources  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
@@ -44,7 +44,7 @@ def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> int:
     progress = Progress(len(videos))
     for row in written.iter_rows():
         progress.update(int(row["num_rows"]), row["sources"].split("\n"))
-    return progress.clips
+    return progress
 
 
 # Seconds between one-line progress summaries on stderr.
@@ -60,11 +60,13 @@ class Progress:
     def __init__(self, total_videos: int):
         self.total, self.clips, self.videos = total_videos, 0, set()
         self.started = self.last = time.perf_counter()
+        self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds, clips written), for the report
 
     def update(self, clips: int, sources: list[str]) -> None:
         self.clips += clips
         self.videos.update(sources)
         now = time.perf_counter()
+        self.timeline.append((round(now - self.started, 3), self.clips))
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             print(self.line(now), file=sys.stderr, flush=True)
@@ -133,7 +135,8 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     todo = resume.load(cfg).pending(videos)
     if todo:
         sink.remove_success(cfg)
-    clips = encode_videos(cfg, info, todo) if todo else 0
+    progress = encode_videos(cfg, info, todo) if todo else None
+    clips = progress.clips if progress else 0
     wall = time.perf_counter() - started
     summary = {
         "videos": len(videos),
@@ -144,6 +147,7 @@ def run(cfg: Config, info: ModelInfo) -> dict:
         "wall_time_s": round(wall, 3),
         "clips_per_s": round(clips / wall, 4) if wall > 0 else None,
     }
+    report.write_html(cfg, summary, progress.timeline if progress else [])
     sink.write_success(cfg, summary)
     return summary
 

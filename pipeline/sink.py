@@ -4,7 +4,8 @@ Layout under OUTPUT:
   latents/part-<hash>.parquet   one row per clip; the hash is of the clip ids inside
   errors/err-<hash>.parquet     one row per input (or clip) that could not be encoded
   _markers/vid-<hash>.parquet   per video: the ids of all its clips, once they are all cut
-  _SUCCESS                      JSON written when the run completes
+  report.html                   throughput over time, errors by type, clips per video
+  _SUCCESS                      JSON written when the run completes, last
 
 File names derive from ids, never from input names, so a retried task rewrites the same file.
 """
@@ -28,6 +29,7 @@ LATENTS_DIR = "latents"
 ERRORS_DIR = "errors"
 MARKERS_DIR = "_markers"  # a leading underscore: Parquet dataset readers of OUTPUT skip it
 SUCCESS = "_SUCCESS"
+REPORT = "report.html"
 METADATA_KEY = b"video_latents"
 LAYOUT = "TCHW"
 STAGES = ("list", "read", "decode", "sample", "encode", "write")
@@ -229,7 +231,7 @@ def prepare_output(cfg: Config) -> None:
     """With --overwrite, remove a previous run's output (``_SUCCESS`` first, so no reader
     mistakes a half-deleted folder for a finished one)."""
     if cfg.overwrite:
-        _delete(cfg, [SUCCESS, LATENTS_DIR, ERRORS_DIR, MARKERS_DIR])
+        _delete(cfg, [SUCCESS, REPORT, LATENTS_DIR, ERRORS_DIR, MARKERS_DIR])
 
 
 def _delete(cfg: Config, names: list[str]) -> None:

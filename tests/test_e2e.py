@@ -106,7 +106,7 @@ def test_s3_to_s3_with_endpoint_from_env(ray_local, s3_server, s3_bucket, video_
     check_output(latents, errors, success, video_dir, f"s3://{bucket}/in", tiny_vae)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
     assert "out/_SUCCESS" in keys
-    assert all(k.endswith(".parquet") or k == "out/_SUCCESS" for k in keys), keys
+    assert all(k.endswith(".parquet") or k in ("out/_SUCCESS", "out/report.html") for k in keys), keys
 
 
 def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, tiny_vae, tmp_path):
@@ -117,6 +117,9 @@ def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, t
     check_output(latents, errors, success, video_dir, video_dir, tiny_vae, np.float32)
     assert success["config"]["latent_dtype"] == "float32" and success["clips_per_s"] > 0
     assert success["clips_this_run"] == 5 and success["videos_already_done"] == 0
+    report = open(tmp_path / "out" / "report.html").read()
+    assert report.count("<svg") == 4 and "sample/TooShort" in report and "decode/" in report
+    assert "2 clips</text>" in report and "1 clip</text>" in report  # a_target gave 2, the rest 1
 
     # Read back with Ray, as the README shows.
     ds = ray_local.data.read_parquet(str(tmp_path / "out" / "latents"))

@@ -31,3 +31,12 @@ def test_progress_line(monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and progress.clips == 5
     assert "5 clips" in lines[1] and "videos with clips 2/4" in lines[1] and "ETA ~0:00:0" in lines[1]
+
+
+def test_binned_rate_smooths_bursts():
+    from pipeline.report import binned_rate
+
+    timeline = [(0.0, 0), (5.0, 10), (5.001, 20), (10.0, 30)]
+    rates = binned_rate(timeline, bins=2)
+    assert rates == [(5.0, 2.0), (10.0, 4.0)]  # 10 clips by 5 s; the burst at 5.001 s is in the second bin
+    assert binned_rate([(0.0, 0)]) == []
