@@ -36,19 +36,33 @@ def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) ->
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 24, codec: str = "libx264",
-                pix_fmt: str = "yuv420p") -> str:
-    """Encode uint8 [F, H, W, 3] RGB frames to a video file with PyAV."""
+                pix_fmt: str = "yuv420p", options: dict | None = None, container_options: dict | None = None,
+                rotation: int | None = None, timestamps_ms: list[int] | None = None,
+                format: str | None = None) -> str:
+    """Encode uint8 [F, H, W, 3] RGB frames to a video file with PyAV.
+
+    ``rotation`` sets a display matrix (counter-clockwise degrees); ``timestamps_ms`` gives each
+    frame's time, for variable frame rates; ``options`` go to the encoder, ``container_options``
+    to the muxer (``{"movflags": "faststart"}``), ``format`` names the muxer (``"image2"``).
+    """
     import av
+    from fractions import Fraction
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w") as container:
+    with av.open(path, mode="w", format=format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast"}
-        for rgb in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+        stream.options = {**({"preset": "ultrafast"} if codec == "libx264" else {}), **(options or {})}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        if timestamps_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if timestamps_ms is not None:
+                frame.pts, frame.time_base = timestamps_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

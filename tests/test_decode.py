@@ -131,17 +131,7 @@ def test_rotation_flag_is_applied(tmp_path, degrees):
     # Coded 64 wide x 32 high, red on the left; the display matrix turns it upright.
     frames = np.zeros((9, 32, 64, 3), np.uint8)
     frames[:, :, :16, 0] = 255
-    path = str(tmp_path / "rot.mp4")
-    import av as _av
-    with _av.open(path, "w") as c:
-        st = c.add_stream("libx264", rate=24)
-        st.width, st.height, st.pix_fmt = 64, 32, "yuv444p"
-        st.set_display_rotation(degrees)
-        for f in frames:
-            for p in st.encode(_av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in st.encode():
-            c.mux(p)
+    path = samples.write_video(str(tmp_path / "rot.mp4"), frames, pix_fmt="yuv444p", rotation=degrees)
     # Counter-clockwise turns (np.rot90's sense), as the display matrix defines them.
     expected = np.rot90(frames[0, :, :, 0], {90: 1, -90: 3, 180: 2}[degrees])
     h, w = expected.shape

@@ -3,7 +3,6 @@ error row with a clear message, and the run exits 0."""
 import os
 import shutil
 import tracemalloc
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -23,32 +22,13 @@ def _frames(n=NUM_FRAMES, h=HEIGHT, w=WIDTH, seed=0):
 
 
 def _vfr(path):
-    """Frames at irregular timestamps (1 ms time base)."""
-    with av.open(path, "w") as c:
-        st = c.add_stream("libx264", rate=24)
-        st.width, st.height, st.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        st.codec_context.time_base = Fraction(1, 1000)
-        pts = 0
-        for i, rgb in enumerate(_frames(12)):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = pts, Fraction(1, 1000)
-            pts += 20 if i % 2 else 70
-            for p in st.encode(frame):
-                c.mux(p)
-        for p in st.encode():
-            c.mux(p)
+    """Frames at irregular timestamps (alternately 70 ms and 20 ms apart)."""
+    times = [sum(70 if k % 2 == 0 else 20 for k in range(i)) for i in range(12)]
+    samples.write_video(path, _frames(12), timestamps_ms=times)
 
 
 def _rotated(path):
-    with av.open(path, "w") as c:
-        st = c.add_stream("libx264", rate=24)
-        st.width, st.height, st.pix_fmt = 96, 48, "yuv420p"
-        st.set_display_rotation(90)
-        for rgb in _frames(h=48, w=96):
-            for p in st.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                c.mux(p)
-        for p in st.encode():
-            c.mux(p)
+    samples.write_video(path, _frames(h=48, w=96), rotation=90)
 
 
 def _audio_only(path):
@@ -64,41 +44,19 @@ def _audio_only(path):
 
 
 def _truncated(path, keep: float, faststart: bool):
-    tmp = path + ".full.mp4"
-    with av.open(tmp, "w", options={"movflags": "faststart"} if faststart else {}) as c:
-        st = c.add_stream("libx264", rate=24)
-        st.width, st.height, st.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        for rgb in _frames(30):
-            for p in st.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                c.mux(p)
-        for p in st.encode():
-            c.mux(p)
+    tmp = samples.write_video(path + ".full.mp4", _frames(30),
+                              container_options={"movflags": "faststart"} if faststart else None)
     data = open(tmp, "rb").read()
     os.remove(tmp)
     open(path, "wb").write(data[:int(len(data) * keep)])
 
 
 def _png(path):
-    with av.open(path, "w", format="image2") as c:
-        st = c.add_stream("png")
-        st.width, st.height, st.pix_fmt = WIDTH, HEIGHT, "rgb24"
-        for p in st.encode(av.VideoFrame.from_ndarray(_frames(1)[0], format="rgb24")):
-            c.mux(p)
+    samples.write_video(path, _frames(1), codec="png", pix_fmt="rgb24", format="image2")
 
 
 def _video(codec, pix_fmt, n=NUM_FRAMES, h=HEIGHT, w=WIDTH, options=None):
-    def make(path):
-        with av.open(path, "w") as c:
-            st = c.add_stream(codec, rate=24)
-            st.width, st.height, st.pix_fmt = w, h, pix_fmt
-            if options:
-                st.options = options
-            for rgb in _frames(n, h, w):
-                for p in st.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                    c.mux(p)
-            for p in st.encode():
-                c.mux(p)
-    return make
+    return lambda path: samples.write_video(path, _frames(n, h, w), codec=codec, pix_fmt=pix_fmt, options=options)
 
 
 # name -> (how to make it, expected: "ok" | "partial" | (stage, error_type) | "error")
