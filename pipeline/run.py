@@ -20,8 +20,8 @@ from pipeline.model import ModelInfo  # noqa: E402
 MAX_LIST_BLOCKS = 10_000
 
 
-def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> int:
-    """The whole dataflow; returns the number of clips written."""
+def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> "Progress":
+    """The whole dataflow; returns its progress record (clips written, timeline)."""
     import ray
 
     from actors.encoder import VAEEncoder
