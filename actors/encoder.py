@@ -102,13 +102,9 @@ class VAEEncoder:
     def _channel_stats(self, info: ModelInfo):
         """Per-channel latents_mean/std as [1, C, 1, 1, 1] float32 tensors (None when absent)."""
         torch = self.torch
-        if info.stats_in_weights:
-            pairs = (self.vae.latents_mean, self.vae.latents_std)
-        else:
-            pairs = (info.latents_mean, info.latents_std)
         return tuple(None if v is None else
                      torch.as_tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1, 1)
-                     for v in pairs)
+                     for v in info.channel_stats(self.vae))
 
     def _normalize(self, z):
         """(z - shift - mean) * scale / std, in float32, as the family's pipelines apply it."""

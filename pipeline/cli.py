@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 
+from pipeline import storage
 from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES,
                              RESIZE_MODES, Config, ConfigError, validate)
 
@@ -137,9 +137,7 @@ def job_file_defaults(argv: list[str]) -> dict:
         return {}
     import yaml
 
-    from pipeline import storage
-
-    endpoint = known.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.default_endpoint(known.s3_endpoint)
     try:
         loaded = yaml.safe_load(storage.read_bytes(known.config, endpoint)) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -175,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise ConfigError(f"missing {', '.join(m.upper() if m != 'model' else '--model' for m in missing)} "
                           "(give it on the command line or in --config)")
     fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-    fields["s3_endpoint"] = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    fields["s3_endpoint"] = storage.default_endpoint(args.s3_endpoint)
     if isinstance(fields.get("num_actors"), list):
         fields["num_actors"] = tuple(fields["num_actors"])
     if fields.get("buckets"):  # the first bucket stands for the run's size in its summary

@@ -51,6 +51,13 @@ class ModelInfo:
         return ((num_frames - 1) // self.temporal_ratio + 1, self.latent_channels,
                 height // self.spatial_ratio, width // self.spatial_ratio)
 
+    def channel_stats(self, vae) -> tuple:
+        """(latents_mean, latents_std) per channel, or None each: from the loaded model's
+        buffers where the family keeps them in its weights (LTX-Video), else from its config."""
+        if self.stats_in_weights:
+            return vae.latents_mean, vae.latents_std
+        return self.latents_mean, self.latents_std
+
     def normalization(self) -> dict:
         """What is applied to the raw latent z, as the family's diffusers pipelines do:
         (z - shift_factor - latents_mean) * scaling_factor / latents_std, per channel."""

@@ -57,10 +57,7 @@ def reconstruct(vae, info, latents, latent_mode: str):
 
     z = torch.as_tensor(latents, dtype=torch.float32).permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
     if latent_mode != "dist":  # undo (z - shift - mean) * scale / std
-        if info.stats_in_weights:
-            mean, std = vae.latents_mean, vae.latents_std
-        else:
-            mean, std = info.latents_mean, info.latents_std
+        mean, std = info.channel_stats(vae)
         if std is not None:
             z = z * torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         z = z / info.scaling_factor
@@ -96,7 +93,7 @@ def preview(output: str, model: str, n: int = 8, out: str | None = None, s3_endp
 
     from actors.encoder import load_vae
 
-    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = storage.default_endpoint(s3_endpoint)
     job = _job_config(output, endpoint)
     info = inspect_model(model, None, endpoint)
     vae = load_vae(job.replace(model=model, subfolder=info.subfolder, device=device, dtype="float32",

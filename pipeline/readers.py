@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 
 import pyarrow.dataset as pads
@@ -21,8 +20,7 @@ TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar")
 
 
 def _latents_dataset(output: str, s3_endpoint: str | None):
-    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    fs, path = storage.resolve(storage.join(output, sink.LATENTS_DIR), endpoint)
+    fs, path = storage.resolve(storage.join(output, sink.LATENTS_DIR), storage.default_endpoint(s3_endpoint))
     return fs, path, pads.dataset(path, filesystem=fs, format="parquet")
 
 

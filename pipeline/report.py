@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pyarrow.dataset as pads
@@ -12,7 +11,7 @@ from pipeline import sink, storage
 
 
 def summarize(output: str, s3_endpoint: str | None = None) -> dict:
-    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = storage.default_endpoint(s3_endpoint)
 
     def dataset(folder):
         fs, path = storage.resolve(storage.join(output, folder), endpoint)
@@ -26,9 +25,10 @@ def summarize(output: str, s3_endpoint: str | None = None) -> dict:
         schema = latents.schema
         meta = json.loads(schema.metadata[sink.METADATA_KEY]) if schema.metadata else {}
         tensors = {f.name: f.type for f in schema if f.name in ("latents", "latents_mean", "latents_logvar")}
-        sources = latents.to_table(columns=["source_uri"]).column("source_uri")
-        out.update(clips=latents.count_rows(), files=len(latents.files),
-                   videos_with_clips=len(set(sources.to_pylist())),
+        per_video = Counter(latents.to_table(columns=["source_uri"]).column("source_uri").to_pylist())
+        videos_by_clips = Counter(per_video.values())
+        out.update(clips=latents.count_rows(), files=len(latents.files), videos_with_clips=len(per_video),
+                   clips_per_video=[[k, videos_by_clips[k]] for k in sorted(videos_by_clips)],
                    tensors={k: {"shape": list(t.shape), "dtype": str(t.value_type)} for k, t in tensors.items()},
                    model=meta.get("model"), vae_class=meta.get("vae_class"),
                    latent_mode=meta.get("latent_mode"), layout=meta.get("layout"),
@@ -121,16 +121,6 @@ def binned_rate(timeline: list[tuple[float, int]], bins: int = 20) -> list[tuple
             for b in range(bins)]
 
 
-def clips_per_video_histogram(cfg) -> list[tuple[str, int]]:
-    """How many videos gave 1, 2, ... clips (the length of the videos, in clips)."""
-    latents = sink.read_columns(cfg, sink.LATENTS_DIR, ["source_uri"])
-    if latents is None:
-        return []
-    per_video = Counter(latents.column("source_uri").to_pylist())
-    counts = Counter(per_video.values())
-    return [(f"{k} clip{'s' if k > 1 else ''}", counts[k]) for k in sorted(counts)]
-
-
 def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
     """OUTPUT/report.html: throughput over time, errors by type, clips per video."""
     info = summarize(cfg.output, cfg.s3_endpoint)
@@ -143,7 +133,7 @@ def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
 <h2>Clips written over time</h2>{_svg_line(timeline, "seconds", "clips")}
 <h2>Throughput</h2>{_svg_line(rates, "seconds", "clips/s")}
 <h2>Errors by type</h2>{_svg_bars(list(info['errors_by_type'].items()))}
-<h2>Clips per video</h2>{_svg_bars(clips_per_video_histogram(cfg))}
+<h2>Clips per video</h2>{_svg_bars([(f"{k} clip{'s' if k > 1 else ''}", n) for k, n in info.get('clips_per_video', [])])}
 </body></html>"""
     uri = storage.join(cfg.output, sink.REPORT)
     storage.write_bytes_atomic(uri, body.encode(), cfg.s3_endpoint)

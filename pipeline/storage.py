@@ -15,6 +15,11 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 
+def default_endpoint(explicit: str | None = None) -> str | None:
+    """The S3 endpoint: the one given, else the standard AWS_ENDPOINT_URL, else AWS itself."""
+    return explicit or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

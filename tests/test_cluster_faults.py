@@ -6,10 +6,9 @@ import sys
 import tempfile
 
 import pyarrow.dataset as pads
-import pytest
 
 from pipeline import samples
-from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH
+from tests.conftest import NUM_FRAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline import decode, samples
 from pipeline.cli import main
 from pipeline.config import Config
-from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH, upload_folder
+from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH
 
 MAX_PIXELS = 128 * 128  # lowered so that a "huge" video is cheap to make
 

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 import torch
 from torch.utils.data import DataLoader

@@ -7,7 +7,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
