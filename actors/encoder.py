@@ -13,16 +13,14 @@ import warnings
 
 import numpy as np
 
-from pipeline import sink
+from pipeline import failures, hooks, sink
 from pipeline.config import Config
 from pipeline.model import ModelInfo, local_model_dir
+from pipeline.schema import RESOURCE, tensor_columns
 
 log = logging.getLogger(__name__)
 
 MAX_TASK_RETRIES = 5
-# Test-only fault hook: when this env var names a file that exists, the next actor call deletes
-# it and kills its process, as a GPU fault or an OOM kill would.
-CRASH_HOOK_ENV = "VIDEO_LATENTS_TEST_CRASH_FILE"
 
 
 def load_vae(cfg: Config, info: ModelInfo):
@@ -32,7 +30,7 @@ def load_vae(cfg: Config, info: ModelInfo):
 
     cls = getattr(diffusers, info.class_name)
     # safetensors only, unless the user vouches for pickle weights (which can run code).
-    vae = cls.from_pretrained(local_model_dir(cfg.model, cfg.s3_endpoint),
+    vae = cls.from_pretrained(local_model_dir(cfg.model, cfg.s3),
                               subfolder=info.subfolder, torch_dtype=getattr(torch, cfg.dtype),
                               use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
@@ -42,16 +40,6 @@ def load_vae(cfg: Config, info: ModelInfo):
     return vae.to(cfg.device).eval().requires_grad_(False)
 
 
-def _maybe_crash() -> None:
-    path = os.environ.get(CRASH_HOOK_ENV)
-    if path:
-        try:
-            os.unlink(path)  # whoever deletes it crashes: exactly once per arming
-        except FileNotFoundError:
-            return
-        os._exit(1)
-
-
 def clip_seed(seed: int, clip_id: str) -> int:
     """The sampling seed of one clip: independent of batch composition, so reruns match."""
     digest = hashlib.blake2b(f"{seed}:{clip_id}".encode(), digest_size=8).digest()
@@ -59,7 +47,15 @@ def clip_seed(seed: int, clip_id: str) -> int:
 
 
 class VAEEncoder:
-    """Ray Data callable class for ``map_batches``: frames in, latents out."""
+    """Ray Data callable class for ``map_batches``: frames in, latents out.
+
+    Failures by class (``pipeline.failures``): a clip whose latents are not finite gets a final
+    error row; out of memory is met by splitting the batch, then clip by clip, then the VAE's
+    tiling, and a clip that still does not fit gets a retryable row; anything else is the
+    model's or the device's fault, never a clip's: the actor reports it to the run's ledger and
+    ends its process, so Ray restarts it and retries the batch (a CUDA context cannot be trusted
+    after such an error), and the run stops once the retries are spent.
+    """
 
     @staticmethod
     def ray_options(cfg: Config) -> dict:
@@ -69,11 +65,12 @@ class VAEEncoder:
         return {"num_gpus": cfg.gpus_per_actor if cfg.device == "cuda" else 0, "num_cpus": 1,
                 "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
 
-    def __init__(self, cfg: Config, info: ModelInfo):
+    def __init__(self, cfg: Config, info: ModelInfo, ledger=None):
         import torch
 
         self.torch = torch
         self.cfg = cfg
+        self.ledger = ledger  # None outside a run (tests, benchmarks): failures raise instead
         self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.latent_dtype = getattr(torch, cfg.latent_dtype)
@@ -83,7 +80,15 @@ class VAEEncoder:
             # Ray pins a 1-CPU actor to one thread; encoding is then the bottleneck by far, and
             # the decode tasks are light beside it, so let torch use the node's cores.
             torch.set_num_threads(os.cpu_count() or 1)
-        self.vae = load_vae(cfg, info)
+        if ledger is not None:
+            import ray
+
+            ray.get(ledger.register.remote(ray.get_runtime_context().current_actor))
+        try:
+            self.vae = load_vae(cfg, info)
+        except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
+            self._report_systemic("loading the model", e)
+            raise
         self.scale = info.scaling_factor
         self.shift = info.shift_factor
         self.mean, self.std = self._channel_stats(info)
@@ -132,46 +137,96 @@ class VAEEncoder:
             return {k: v.permute(0, 2, 1, 3, 4).to(self.latent_dtype).contiguous().cpu().numpy()
                     for k, v in out.items()}
 
-    def _encode_group(self, clips: np.ndarray, idx: list[int], clip_ids, uris, errors) -> dict:
-        """Encode clips of one shape together; if that fails (say, out of memory), clip by clip,
-        so one bad clip costs only itself. Returns {batch index: {column: [T, C, h, w]}}."""
+    def _encode_fitting(self, clips: np.ndarray, idx: list[int], clip_ids, uris, errors,
+                        tiled: bool = False) -> dict:
+        """Encode clips of one shape; out of memory, split the batch in halves down to single
+        clips, then try a clip with the VAE's tiling. Returns {batch index: (columns, tiled)}."""
         try:
-            out = self.encode(clips, [clip_ids[i] for i in idx])
-            return {i: {k: v[j] for k, v in out.items()} for j, i in enumerate(idx)}
-        except Exception as e:  # noqa: BLE001 - retried clip by clip below
-            log.warning("batch of %d failed to encode (%s); retrying clip by clip", len(idx), e)
-            if self.device.type == "cuda":
-                self.torch.cuda.empty_cache()
-        done = {}
-        for j, i in enumerate(idx):
+            out = self._encode_or_stop(clips, [clip_ids[i] for i in idx])
+            return {i: ({k: v[j] for k, v in out.items()}, tiled or self.cfg.tiling)
+                    for j, i in enumerate(idx)}
+        except Exception as e:  # noqa: BLE001 - out of memory is met below; the rest goes on up
+            if not failures.is_out_of_memory(e):
+                raise
+            log.warning("out of memory on %d clip(s)%s (%s)", len(idx), " tiled" if tiled else "", e)
+            self._free_memory()
+        if len(idx) > 1:
+            half = len(idx) // 2
+            return {**self._encode_fitting(clips[:half], idx[:half], clip_ids, uris, errors, tiled),
+                    **self._encode_fitting(clips[half:], idx[half:], clip_ids, uris, errors, tiled)}
+        if not tiled and not self.cfg.tiling and hasattr(self.vae, "enable_tiling"):
+            self.vae.enable_tiling()
             try:
-                out = self.encode(clips[j:j + 1], [clip_ids[i]])
-                done[i] = {k: v[0] for k, v in out.items()}
-            except Exception as e:  # noqa: BLE001 - becomes this clip's error row
-                errors.append(sink.error_row(uris[i], "encode", type(e).__name__, str(e), clip_ids[i]))
-        return done
+                return self._encode_fitting(clips, idx, clip_ids, uris, errors, tiled=True)
+            finally:
+                self.vae.disable_tiling()
+        i = idx[0]
+        errors.append(sink.error_row(
+            uris[i], "encode", "OutOfMemory", "the clip alone does not fit in the device's memory"
+            + (", even with the VAE's tiling" if hasattr(self.vae, "enable_tiling") else ""),
+            clip_ids[i], error_class=RESOURCE, retryable=True))
+        return {}
+
+    def _encode_or_stop(self, clips: np.ndarray, ids: list[str]) -> dict:
+        """Encode, letting out-of-memory through; any other failure is systemic."""
+        try:
+            return self.encode(clips, ids)
+        except Exception as e:  # noqa: BLE001 - classified right here
+            if failures.is_out_of_memory(e):
+                raise
+            self._report_systemic("encoding", e)
+            if self.ledger is not None:
+                os._exit(1)  # Ray restarts the actor on a fresh process and retries the batch
+            raise failures.SystemicFailure(f"{type(e).__name__}: {e}") from e
+
+    def _report_systemic(self, doing: str, e: BaseException) -> None:
+        cause = f"{doing}: {type(e).__name__}: {_first_line(e)}"
+        log.error("systemic failure while %s", cause)
+        if self.ledger is not None:
+            import ray
+
+            ray.get(self.ledger.systemic.remote(cause))
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
 
     def __call__(self, batch: dict) -> dict:
-        _maybe_crash()
+        hooks.reach("encode")
         frames, clip_ids, uris = batch["frames"], list(batch["clip_id"]), list(batch["source_uri"])
         errors: list[dict] = []
-        encoded: dict[int, dict] = {}
+        encoded: dict[int, tuple[dict, bool]] = {}
         for idx in _same_shape_groups(frames):  # with --buckets a batch may mix shapes
             clips = frames[idx] if frames.dtype != object else np.stack([frames[i] for i in idx])
-            encoded.update(self._encode_group(clips, idx, clip_ids, uris, errors))
-        for i, columns in list(encoded.items()):
+            encoded.update(self._encode_fitting(clips, idx, clip_ids, uris, errors))
+        for i, (columns, _) in list(encoded.items()):
             if not all(np.isfinite(v).all() for v in columns.values()):
                 del encoded[i]
-                errors.append(sink.error_row(uris[i], "encode", "NonFinite",
-                                             "the VAE produced NaN or infinite latents", clip_ids[i]))
-        if errors:
-            sink.write_errors(self.cfg, errors)
+                e = failures.NonFinite("the VAE produced NaN or infinite latents for this clip")
+                errors.append(sink.error_row(uris[i], "encode", "NonFinite", str(e), clip_ids[i]))
+        for row in errors:
+            sink.write_error(self.cfg, row)
+        self._report(len(encoded), [f"encode/{row['error_type']}" for row in errors])
         kept = sorted(encoded)
         out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
-        for name in sink.tensor_columns(self.cfg.latent_mode):
-            out[name] = _stack([encoded[i][name] for i in kept],
+        out["tiled"] = np.array([encoded[i][1] for i in kept], dtype=bool)
+        for name in tensor_columns(self.cfg.latent_mode):
+            out[name] = _stack([encoded[i][0][name] for i in kept],
                                empty=np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype))
         return out
+
+    def _report(self, ok: int, failed_as: list[str]) -> None:
+        if self.ledger is None:
+            return
+        import ray
+
+        stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as))
+        if stop:
+            raise failures.GuardTripped(stop)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
 
 
 def _same_shape_groups(frames) -> list[list[int]]:

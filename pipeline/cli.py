@@ -1,7 +1,9 @@
-"""Argument parsing only: ``python -m pipeline encode|demo`` (also the ``video-latents`` script).
+"""Argument parsing only: ``python -m pipeline encode|demo|...`` (also the ``video-latents`` script).
 
-Exit codes: 0 the run completed (inputs that failed are listed in OUTPUT/errors),
-1 the run itself failed, 2 a usage error (one line on stderr says what to change).
+Exit codes: 0 the run is complete (inputs that failed for their own reasons are listed in
+OUTPUT/errors); 1 the run failed (a systemic failure, the error-rate guard, or inputs whose
+retries were spent), with one line naming the cause; 2 a usage error, including OUTPUT holding
+a job with other settings (stderr says what to change).
 """
 from __future__ import annotations
 
@@ -90,6 +92,14 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "nearest its aspect ratio (replaces --height/--width)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh, deleting a previous run's output (default: resume it)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="also retry inputs whose errors are final, e.g. after a decoder upgrade "
+                        "(retryable errors are always retried)")
+    p.add_argument("--max-error-rate", type=float, default=0.5, metavar="RATE",
+                   help="stop (exit 1) once more than this share of inputs, or of clips, failed, "
+                        "judged after 20 outcomes (default 0.5; 1 turns the guard off)")
+    p.add_argument("--s3-max-attempts", type=int, default=10,
+                   help="attempts per S3 request, with exponential backoff (default 10)")
     limits = p.add_argument_group("limits on untrusted inputs")
     limits.add_argument("--max-pixels", type=int, default=4096 * 4096, help="per frame (default 4096*4096)")
     limits.add_argument("--max-duration", type=float, default=4 * 3600.0, help="seconds (default 4 h)")
@@ -182,21 +192,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def encode(cfg: Config) -> int:
+    from pipeline import job
+    from pipeline.failures import RunFailed
     from pipeline.run import run
 
     try:
         cfg, info = validate(cfg)
+        job.check(cfg, info)  # before Ray starts: a rerun with other settings is refused
+        summary = run(cfg, info)
     except ConfigError as e:
         print(f"video-latents: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        summary = run(cfg, info)
+    except RunFailed as e:
+        print(f"video-latents: run failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - the run failed: say so, with the trace for a bug report
         traceback.print_exc()
-        print(f"video-latents: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"video-latents: run failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(summary))
     return EXIT_OK
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def main(argv: list[str] | None = None) -> int:

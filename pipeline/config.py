@@ -52,7 +52,12 @@ class Config:
     slicing: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     s3_endpoint: str | None = None
+    s3_max_attempts: int = storage.S3_MAX_ATTEMPTS  # per S3 request, with backoff
     overwrite: bool = False
+    retry_errors: bool = False  # also retry inputs whose errors are final (after a decoder upgrade)
+    # Stop the run (exit 1) once MIN_OUTCOMES_FOR_GUARD inputs (or clips) have an outcome and more
+    # than this share of them failed: a broken job must not burn a cluster. 1 turns it off.
+    max_error_rate: float = 0.5
     # Limits on untrusted inputs, checked before decoding where the container tells.
     max_pixels: int = 4096 * 4096
     max_duration: float = 4 * 3600.0  # seconds of video
@@ -65,6 +70,13 @@ class Config:
     manifest: str | None = None  # CSV, JSONL or Parquet with a `uri` column
     # The manifest's own columns (name, Arrow type), copied into the output rows: set by validate.
     extra_columns: tuple[tuple[str, str], ...] = ()
+    # The job's identity digest (pipeline.job), set by the run once recorded in OUTPUT; written
+    # into every file's metadata.
+    job_fingerprint: str | None = None
+
+    @property
+    def s3(self) -> storage.S3Options:
+        return storage.S3Options(self.s3_endpoint, self.s3_max_attempts)
 
     @property
     def stride(self) -> int:
@@ -110,6 +122,8 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.max_duration > 0, "--max-duration must be positive")
     _check(cfg.max_bytes >= 1, "--max-bytes must be positive")
     _check(cfg.decode_timeout > 0, "--decode-timeout must be positive")
+    _check(cfg.s3_max_attempts >= 1, "--s3-max-attempts must be at least 1")
+    _check(0 <= cfg.max_error_rate <= 1, "--max-error-rate must be between 0 and 1 (1 turns the guard off)")
     _check(storage.is_s3(cfg.output) or not os.path.isfile(cfg.output),
            f"OUTPUT {cfg.output} is a file; give a folder or an s3:// prefix")
     _check(cfg.fps is None or cfg.fps > 0, "--fps must be positive")
@@ -151,11 +165,11 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
             raise ConfigError(f"--manifest {cfg.manifest}: {_first_line(e)}") from None
     else:
         try:
-            _check(storage.exists(cfg.input, cfg.s3_endpoint), f"INPUT {cfg.input} does not exist")
+            _check(storage.exists(cfg.input, cfg.s3), f"INPUT {cfg.input} does not exist")
         except OSError as e:
             raise ConfigError(f"INPUT {cfg.input} cannot be read: {_first_line(e)}") from None
     try:
-        info = inspect_model(cfg.model, cfg.subfolder, cfg.s3_endpoint)
+        info = inspect_model(cfg.model, cfg.subfolder, cfg.s3)
     except ModelError as e:
         raise ConfigError(str(e)) from None
     _check_shapes(cfg, info)
@@ -168,7 +182,7 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
 
 def _check_output(cfg: Config) -> None:
     try:
-        storage.exists(cfg.output, cfg.s3_endpoint)
+        storage.exists(cfg.output, cfg.s3)
     except OSError as e:
         raise ConfigError(f"OUTPUT {cfg.output} cannot be reached: {_first_line(e)}") from None
 

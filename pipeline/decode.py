@@ -16,14 +16,21 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import sink, storage
+from pipeline import failures, hooks, layout, sink, storage
 from pipeline.config import Config
+from pipeline.failures import InputError
+from pipeline.schema import INPUT, TRANSIENT
 
 # swscale's bicubic widens its kernel when shrinking, so downscaling does not alias.
 INTERPOLATION = "BICUBIC"
+# An input whose reads keep failing for the store's or the network's reasons (after the S3
+# client's own retries) is tried this many more times, from where it stopped, before it gets a
+# retryable error row.
+TRANSIENT_RETRIES = 2
+TRANSIENT_BACKOFF_S = 2.0  # doubled at each retry
 
 
-class InputRejected(Exception):
+class InputRejected(InputError):
     """An input we will not encode; ``stage`` says where that was found."""
 
     stage = "decode"
@@ -59,6 +66,10 @@ class NoVideoStream(InputRejected):
 
 class DecodeTimeout(InputRejected):
     pass
+
+
+class Truncated(InputRejected):
+    """The stream ends before its header says it should."""
 
 
 def clip_id(source_uri: str, start_frame: int, cfg: Config) -> str:
@@ -161,14 +172,33 @@ def _decoded(container, stream, cfg: Config, span) -> Iterator:
     deadline = time.monotonic() + cfg.decode_timeout
     if begin:
         container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
+    decoded, last_time = 0, None
     for frame in container.decode(stream):
         _check_frame(frame, deadline, cfg)
+        decoded, last_time = decoded + 1, frame.time
         t = frame.time
         if t is not None and begin is not None and t < begin - 1e-6:
             continue
         if t is not None and end is not None and t >= end - 1e-6:
             return
         yield frame
+    if span == (None, None):
+        _check_complete(stream, decoded, last_time)
+
+
+def _check_complete(stream, decoded: int, last_time: float | None) -> None:
+    """FFmpeg ends a truncated file's stream quietly, as if the video were shorter: compare
+    with what the header declares, the video stream's frame count (MP4, MOV) or else its
+    duration, so that the missing part is reported, not dropped."""
+    declared = stream.frames or 0
+    if declared and declared - decoded > max(2, declared // 50):
+        raise Truncated(f"the stream ends after {decoded} of the {declared} frames its header "
+                        "declares (the file is truncated or damaged)")
+    if not declared and stream.duration and stream.time_base and last_time is not None:
+        length = float(stream.duration * stream.time_base)
+        if length - last_time > max(1.0, 0.05 * length):
+            raise Truncated(f"the stream ends at {last_time:.2f} s of the {length:.2f} s its header "
+                            "declares (the file is truncated or damaged)")
 
 
 def resample(frames, fps: float) -> Iterator:
@@ -259,46 +289,118 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
                        "(--num-frames)")
 
 
-def decode_clips(row: dict, cfg: Config) -> Iterator[dict]:
-    """Ray Data flat_map step: a listed video in, its clips out.
+def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
+    """Ray Data flat_map step: a listed input in, its clips out.
 
-    A video that cannot be read or decoded, is over a limit, or is too short yields no clip and
-    gets one error row in OUTPUT/errors instead; nothing escapes to fail the run. When all its
-    clips are cut, a marker records their ids so a rerun can skip the whole video.
+    An input that cannot be read or decoded, is over a limit, or is too short yields no more
+    clips and gets one error row instead, its class decided by ``pipeline.failures``: the
+    store's and the network's faults are first retried here, from where the input stopped.
+    When all its clips are cut, a marker records their ids so a rerun can skip the input.
+    Systemic failures escape and stop the run.
     """
+    uri = row["source_uri"]  # for a manifest row with a time span: path#t=start,end
+    for name in filter(None, (row.get("stale_errors") or "").split(",")):
+        layout.delete_if_present(storage.join(cfg.output, layout.ERRORS_DIR, name), cfg.s3)
+    hooks.reach("decode")
+    skip = frozenset(filter(None, (row.get("skip_clips") or "").split(",")))
+    cut: dict[str, None] = {}  # the ids of the clips cut so far, in order, across attempts
+    for attempt in itertools.count():
+        try:
+            for cid, clip in _input_clips(row, cfg, skip.union(cut)):
+                cut[cid] = None
+                if clip is not None:
+                    yield clip
+            break
+        except Exception as e:  # noqa: BLE001 - classified: data, a retry, or the run's failure
+            error_class = failures.classify(e)
+            if error_class == failures.SYSTEMIC:
+                if ledger is not None:
+                    import ray
+
+                    ray.get(ledger.systemic.remote(f"{type(e).__name__}: {e}"))
+                raise
+            if error_class == TRANSIENT and attempt < TRANSIENT_RETRIES:
+                time.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)
+                continue
+            error = _error_row(row, e, error_class, list(cut))
+            sink.write_error(cfg, error)
+            hooks.reach("decode-error")
+            _report(ledger, f"{error['stage']}/{error['error_type']}")
+            return
+    sink.write_marker(cfg, uri, list(cut))
+    _report(ledger, None)
+
+
+def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str, dict | None]]:
+    """Open one input (checking its size first) and cut its clips, as ``iter_clips`` does.
+
+    A read failure is raised as itself even when FFmpeg took it for the end of the stream."""
     import av
 
-    uri = row["source_uri"]  # for a manifest row with a time span: path#t=start,end
+    uri = row["source_uri"]
     path = row.get("path") or uri
     span = (row.get("start_sec"), row.get("end_sec"))
-    skip = frozenset(filter(None, row.get("skip_clips", "").split(",")))
-    stage, ids, opened = "read", [], False
     try:
         size = row.get("size")
         if size is None or size < 0:  # a manifest gives no size: ask the store
-            size = storage.size(path, cfg.s3_endpoint)
+            size = storage.size(path, cfg.s3)
         if size == 0:
             raise EmptyFile("the file is empty (0 bytes)")
         if size > cfg.max_bytes:
             raise FileTooLarge(f"{size} bytes exceed --max-bytes {cfg.max_bytes}")
-        source = storage.open_for_decode(path, cfg.s3_endpoint)
-        stage = "decode"
-        with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext(), \
-                av.open(source, mode="r") as container:
-            opened = True
-            for cid, clip in iter_clips(container, uri, cfg, skip, span):
-                ids.append(cid)
-                if clip is not None:
-                    if "extra" in row:  # a manifest's own columns, carried to the output row
+        source = storage.open_for_decode(path, cfg.s3)
+    except Exception as e:
+        if not hasattr(e, "stage"):
+            e.stage = "read"  # found before any byte was decoded
+        raise
+    try:
+        with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
+            try:
+                container = av.open(source, mode="r")
+            except Exception as e:  # noqa: BLE001 - re-raised with what it means
+                raise storage.read_failure(source) or _unreadable(e) from e
+            with container:
+                for cid, clip in iter_clips(container, uri, cfg, skip, span):
+                    if clip is not None and "extra" in row:  # a manifest's own columns
                         clip["extra"] = row["extra"]
-                    yield clip
-    except Exception as e:  # noqa: BLE001 - any failure of one input is data, not a crash
-        stage = getattr(e, "stage", stage)
-        message = str(e) or type(e).__name__
-        if stage == "decode" and not opened:
-            message = f"not a readable video container (truncated, missing its index, or not a video): {message}"
-        if ids:
-            message = f"stopped after {len(ids)} clip(s): {message}"
-        sink.write_errors(cfg, [sink.error_row(uri, stage, type(e).__name__, message)])
+                    yield cid, clip
+    except Exception as e:
+        failure = storage.read_failure(source)
+        if failure is not None and failure is not e:
+            raise failure from e
+        raise
+    failure = storage.read_failure(source)
+    if failure is not None:
+        raise failure
+
+
+class Unreadable(InputRejected):
+    """FFmpeg could not open the container."""
+
+
+def _unreadable(e: BaseException) -> BaseException:
+    if failures.classify(e) != INPUT:
+        return e
+    return Unreadable(f"not a readable video container (truncated, missing its index, or not a "
+                      f"video): {e}")
+
+
+def _error_row(row: dict, e: BaseException, error_class: str, cut: list[str]) -> dict:
+    stage = getattr(e, "stage", "read" if error_class == TRANSIENT else "decode")
+    message = str(e) or type(e).__name__
+    if cut:
+        message = f"stopped after {len(cut)} clip(s): {message}"
+    error_type = type(e).__name__ if not isinstance(e, Unreadable) else type(e.__cause__ or e).__name__
+    return sink.error_row(row["source_uri"], stage, error_type, message, error_class=error_class,
+                          retryable=failures.is_retryable(error_class), clip_ids=cut)
+
+
+def _report(ledger, failed_as: str | None) -> None:
+    """Tell the run's ledger about this input's outcome; stop the run when its guard trips."""
+    if ledger is None:
         return
-    sink.write_marker(cfg, uri, ids)
+    import ray
+
+    stop = ray.get(ledger.input_outcome.remote(failed_as))
+    if stop:
+        raise failures.GuardTripped(stop)

@@ -36,6 +36,9 @@ class ModelInfo:
     latents_mean: tuple | None = None  # per channel, from the config
     latents_std: tuple | None = None
     stats_in_weights: bool = False  # mean/std are buffers in the weights (LTX-Video)
+    # Per file of the VAE's folder: (name, bytes, content key): the ETag on S3, a blake2b of the
+    # bytes on a local disk; empty for a hub id. Part of the job's identity and the cache key.
+    files: tuple = ()
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """An error message when ``num_frames`` is not k * temporal_ratio + 1, else None."""
@@ -140,17 +143,38 @@ SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _weights_format(source: str, subfolder: str | None, endpoint: str | None) -> str:
+def _weights_format(files: tuple) -> str:
     """Which kind of weight files the model folder holds; hub models are checked at load."""
-    if _looks_like_hub_id(source):
-        return "unknown"
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(storage.join(source, subfolder) if subfolder else source, endpoint)
-    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    names = [name for name, _, _ in files]
     if any(n.endswith(SAFE_WEIGHTS) for n in names):
         return "safetensors"
     return "pickle" if any(n.endswith(PICKLE_WEIGHTS) for n in names) else "unknown"
+
+
+def _vae_files(source: str, subfolder: str | None, s3) -> tuple:
+    """(name, bytes, content key) for each file in the VAE's folder, sorted by name."""
+    if _looks_like_hub_id(source):
+        return ()
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(source, subfolder) if subfolder else source, s3)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File]
+    return tuple(sorted((i.base_name, int(i.size), _content_key(fs, i.path)) for i in infos))
+
+
+def _content_key(fs, path: str) -> str:
+    """The store's ETag on S3 (one HEAD, no download); a hash of the bytes on a local disk
+    (a VAE is well under a GB: about a second)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.S3FileSystem):
+        with fs.open_input_file(path) as f:
+            return "etag:" + f.metadata().get("ETag", b"").decode().strip('"')
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return "blake2b:" + digest.hexdigest()
 
 
 def inspect_model(source: str, subfolder: str | None = None, endpoint: str | None = None) -> ModelInfo:
@@ -170,6 +194,7 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
         raise ModelError(f"--model: {class_name or 'unknown class'} is not a supported video VAE "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
     stats = {k: tuple(config[k]) for k in ("latents_mean", "latents_std") if config.get(k) is not None}
+    files = _vae_files(source, chosen, endpoint)
     return ModelInfo(
         source=source,
         subfolder=chosen,
@@ -177,7 +202,8 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
         scaling_factor=float(config.get("scaling_factor") or 1.0),
         shift_factor=config.get("shift_factor"),
         config=config,
-        weights_format=_weights_format(source, chosen, endpoint),
+        weights_format=_weights_format(files) if files else "unknown",
+        files=files,
         **stats,
         **FAMILIES[class_name](config),
     )

@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline import decode, readers, samples, sink, storage
+from pipeline import decode, layout, readers, samples, storage
 from pipeline.config import Config, ConfigError
 from pipeline.model import inspect_model
 
@@ -23,7 +23,7 @@ STRIP_FRAMES = 4  # frames per PNG strip, evenly spaced through the clip
 def _job_config(output: str, endpoint: str | None) -> Config:
     """The config the run used, from its _SUCCESS."""
     try:
-        recorded = json.loads(storage.read_bytes(storage.join(output, sink.SUCCESS), endpoint))["config"]
+        recorded = json.loads(storage.read_bytes(storage.join(output, layout.SUCCESS), endpoint))["config"]
     except (FileNotFoundError, OSError, KeyError):
         raise ConfigError(f"{output} has no _SUCCESS: preview needs a completed run") from None
     fields = {k: v for k, v in recorded.items() if k in Config.__dataclass_fields__}
@@ -43,7 +43,7 @@ def original_clip(row: dict, cfg: Config) -> np.ndarray:
     if fragment:
         begin, _, end = fragment.partition(",")
         span = (float(begin), float(end) if end else None)
-    source = storage.open_for_decode(path, cfg.s3_endpoint)
+    source = storage.open_for_decode(path, cfg.s3)
     with av.open(source) as container:
         for cid, clip in decode.iter_clips(container, uri, cfg, span=span):
             if cid == row["clip_id"]:

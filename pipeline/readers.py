@@ -14,13 +14,13 @@ import pyarrow.dataset as pads
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pipeline import sink, storage
+from pipeline import layout, storage
+from pipeline.schema import ALL_TENSOR_COLUMNS as TENSOR_COLUMNS, METADATA_KEY
 
-TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar")
 
 
 def _latents_dataset(output: str, s3_endpoint: str | None):
-    fs, path = storage.resolve(storage.join(output, sink.LATENTS_DIR), storage.default_endpoint(s3_endpoint))
+    fs, path = storage.resolve(storage.join(output, layout.LATENTS_DIR), storage.default_endpoint(s3_endpoint))
     return fs, path, pads.dataset(path, filesystem=fs, format="parquet")
 
 
@@ -48,7 +48,7 @@ class _Base:
         self.fs, _, dataset = _latents_dataset(output, s3_endpoint)
         self.files = sorted(dataset.files)  # a fixed order: the same index means the same clip
         self.columns = columns
-        self.metadata = json.loads(dataset.schema.metadata[sink.METADATA_KEY]) if self.files else {}
+        self.metadata = json.loads(dataset.schema.metadata[METADATA_KEY]) if self.files else {}
 
     def _read(self, path):
         return pads.dataset(path, filesystem=self.fs, format="parquet").to_table(columns=self.columns)

@@ -7,7 +7,8 @@ from collections import Counter
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline import sink, storage
+from pipeline import layout, storage
+from pipeline.schema import ALL_TENSOR_COLUMNS, METADATA_KEY
 
 
 def summarize(output: str, s3_endpoint: str | None = None) -> dict:
@@ -20,11 +21,11 @@ def summarize(output: str, s3_endpoint: str | None = None) -> dict:
         return pads.dataset(path, filesystem=fs, format="parquet")
 
     out: dict = {"output": output}
-    latents = dataset(sink.LATENTS_DIR)
+    latents = dataset(layout.LATENTS_DIR)
     if latents is not None and latents.files:
         schema = latents.schema
-        meta = json.loads(schema.metadata[sink.METADATA_KEY]) if schema.metadata else {}
-        tensors = {f.name: f.type for f in schema if f.name in ("latents", "latents_mean", "latents_logvar")}
+        meta = json.loads(schema.metadata[METADATA_KEY]) if schema.metadata else {}
+        tensors = {f.name: f.type for f in schema if f.name in ALL_TENSOR_COLUMNS}
         per_video = Counter(latents.to_table(columns=["source_uri"]).column("source_uri").to_pylist())
         videos_by_clips = Counter(per_video.values())
         out.update(clips=latents.count_rows(), files=len(latents.files), videos_with_clips=len(per_video),
@@ -35,19 +36,27 @@ def summarize(output: str, s3_endpoint: str | None = None) -> dict:
                    scaling_factor=meta.get("scaling_factor"), versions=meta.get("versions"))
     else:
         out.update(clips=0, files=0)
-    errors = dataset(sink.ERRORS_DIR)
+    errors = dataset(layout.ERRORS_DIR)
     if errors is not None and errors.files:
-        rows = errors.to_table(columns=["stage", "error_type"]).to_pylist()
+        rows = errors.to_table(columns=["stage", "error_type", "error_class", "retryable"]).to_pylist()
         out["errors"] = len(rows)
         out["errors_by_type"] = dict(Counter(f"{r['stage']}/{r['error_type']}" for r in rows).most_common())
+        out["errors_by_class"] = {
+            cls: {"rows": sum(r["error_class"] == cls for r in rows),
+                  "retryable": any(r["retryable"] for r in rows if r["error_class"] == cls),
+                  "by_type": dict(Counter(f"{r['stage']}/{r['error_type']}" for r in rows
+                                          if r["error_class"] == cls).most_common())}
+            for cls in sorted({r["error_class"] for r in rows})}
     else:
-        out["errors"], out["errors_by_type"] = 0, {}
+        out["errors"], out["errors_by_type"], out["errors_by_class"] = 0, {}, {}
+    job = layout.read_json(output, layout.JOB, endpoint)
+    out["job_fingerprint"] = job.get("fingerprint") if job else None
     try:
-        success = json.loads(storage.read_bytes(storage.join(output, sink.SUCCESS), endpoint))
+        success = json.loads(storage.read_bytes(storage.join(output, layout.SUCCESS), endpoint))
         out["complete"] = True
         out.update({k: success.get(k) for k in ("videos", "wall_time_s", "clips_per_s")})
     except (FileNotFoundError, OSError):
-        out["complete"] = False  # running, interrupted, or not an OUTPUT of ours
+        out["complete"] = False  # running, interrupted, retryable errors left, or not an OUTPUT of ours
     return out
 
 
@@ -56,7 +65,7 @@ def inspect_command(output: str, s3_endpoint: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(summary))
         return 0
-    state = "complete" if summary["complete"] else "no _SUCCESS: running, interrupted or resumable"
+    state = "complete" if summary["complete"] else "no _SUCCESS: running, interrupted, or with retryable errors (rerun to finish)"
     print(f"{output}: {state}")
     print(f"  clips      {summary['clips']} in {summary['files']} files"
           + (f", from {summary.get('videos_with_clips')} of {summary.get('videos')} videos"
@@ -67,8 +76,11 @@ def inspect_command(output: str, s3_endpoint: str | None, as_json: bool) -> int:
         print(f"  model      {summary['model']} ({summary['vae_class']}, {summary['latent_mode']}, "
               f"scaling_factor {summary['scaling_factor']})")
     print(f"  errors     {summary['errors']}")
-    for kind, n in summary["errors_by_type"].items():
-        print(f"    {n:>6}  {kind}")
+    for cls, group in summary["errors_by_class"].items():
+        what = "retryable: a rerun tries them again" if group["retryable"] else "final"
+        print(f"    {group['rows']:>6}  {cls} ({what})")
+        for kind, n in group["by_type"].items():
+            print(f"      {n:>6}  {kind}")
     if summary.get("clips_per_s") is not None:
         print(f"  throughput {summary['clips_per_s']} clips/s over {summary['wall_time_s']} s")
     return 0
@@ -123,7 +135,7 @@ def binned_rate(timeline: list[tuple[float, int]], bins: int = 20) -> list[tuple
 
 def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
     """OUTPUT/report.html: throughput over time, errors by type, clips per video."""
-    info = summarize(cfg.output, cfg.s3_endpoint)
+    info = summarize(cfg.output, cfg.s3)
     rates = binned_rate(timeline)
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>video-latents report</title>
 <style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}} td{{padding:2px 12px}}</style></head><body>
@@ -135,6 +147,6 @@ def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
 <h2>Errors by type</h2>{_svg_bars(list(info['errors_by_type'].items()))}
 <h2>Clips per video</h2>{_svg_bars([(f"{k} clip{'s' if k > 1 else ''}", n) for k, n in info.get('clips_per_video', [])])}
 </body></html>"""
-    uri = storage.join(cfg.output, sink.REPORT)
-    storage.write_bytes_atomic(uri, body.encode(), cfg.s3_endpoint)
+    uri = storage.join(cfg.output, layout.REPORT)
+    storage.write_bytes_atomic(uri, body.encode(), cfg.s3)
     return uri

@@ -12,7 +12,7 @@ import warnings
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import decode, report, resume, sink, sources  # noqa: E402
+from pipeline import decode, failures, job, layout, report, resume, sink, sources  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
@@ -20,39 +20,39 @@ from pipeline.model import ModelInfo  # noqa: E402
 MAX_LIST_BLOCKS = 10_000
 
 
-def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict]) -> "Progress":
-    """The whole dataflow; returns its progress record (clips written, timeline)."""
+def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict], ledger=None, job_record=None) -> "Timeline":
+    """The whole dataflow; returns its timeline (clips written, when)."""
     import ray
 
     from actors.encoder import VAEEncoder
 
     clips = ray.data.from_items(videos, override_num_blocks=min(len(videos), MAX_LIST_BLOCKS)) \
-        .flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg})
+        .flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg, "ledger": ledger})
     min_actors, max_actors = cfg.num_actors
     with warnings.catch_warnings():
         # Ray 2.60 (pinned) deprecates passing max_task_retries this way, with no named
         # replacement yet; revisit when upgrading Ray.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         latents = clips.map_batches(
-            VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info},
+            VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info, "ledger": ledger},
             batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             **VAEEncoder.ray_options(cfg))
     written = latents.map_batches(
-        sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info)},
+        sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info, job_record)},
         batch_size=None, batch_format="numpy")
-    progress = Progress(len(videos))
+    timeline = Timeline(len(videos))
     for row in written.iter_rows():
-        progress.update(int(row["num_rows"]), row["sources"].split("\n"))
-    return progress
+        timeline.update(int(row["num_rows"]), row["sources"].split("\n"))
+    return timeline
 
 
 # Seconds between one-line progress summaries on stderr.
 PROGRESS_EVERY_S = 30.0
 
 
-class Progress:
-    """A one-line summary every PROGRESS_EVERY_S: clips, clips/s, videos, elapsed, ETA.
+class Timeline:
+    """The run's clips over time, and a one-line summary every PROGRESS_EVERY_S: clips, clips/s, videos, elapsed, ETA.
 
     The ETA extrapolates from the share of videos that have clips written; an estimate, since
     videos differ in length."""
@@ -126,30 +126,111 @@ def resolve_resources(cfg: Config) -> Config:
 
 
 def run(cfg: Config, info: ModelInfo) -> dict:
-    """Run a validated config end to end; write and return the ``_SUCCESS`` summary."""
+    """Run a validated config end to end; return the summary, also written to ``_SUCCESS``
+    when the run is complete.
+
+    Raises ``job.JobMismatch`` (a usage error) when OUTPUT belongs to a job with other settings,
+    and ``failures.RunFailed`` with a one-line cause when the run did not complete: a systemic
+    failure, the error-rate guard, or inputs whose retries were spent (a rerun retries them).
+    """
     started = time.perf_counter()
     connect_ray()
     cfg = resolve_resources(cfg)
-    sink.prepare_output(cfg)
+    job.check(cfg, info)  # again, now that the compute dtype is known
+    if cfg.overwrite:
+        layout.clear(cfg.output, cfg.s3)
+    record = job.write(cfg, info)
+    cfg = cfg.replace(job_fingerprint=record["fingerprint"])
     videos = sources.list_videos(cfg)
     todo = resume.load(cfg).pending(videos)
+    timeline = None
     if todo:
-        sink.remove_success(cfg)
-    progress = encode_videos(cfg, info, todo) if todo else None
-    clips = progress.clips if progress else 0
+        layout.delete(cfg.output, [layout.SUCCESS], cfg.s3)  # no reader may take OUTPUT for finished
+        timeline = _encode_or_fail(cfg, info, todo, record)
     wall = time.perf_counter() - started
+    clips = timeline.clips if timeline else 0
     summary = {
         "videos": len(videos),
         "videos_already_done": len(videos) - len(todo),
-        "clips": sink.count_rows(cfg, sink.LATENTS_DIR),
         "clips_this_run": clips,
-        "errors": sink.count_rows(cfg, sink.ERRORS_DIR),
         "wall_time_s": round(wall, 3),
         "clips_per_s": round(clips / wall, 4) if wall > 0 else None,
+        **outcomes(cfg),
+        "job_fingerprint": record["fingerprint"],
     }
-    report.write_html(cfg, summary, progress.timeline if progress else [])
-    sink.write_success(cfg, summary)
+    report.write_html(cfg, summary, timeline.timeline if timeline else [])
+    if summary["errors_retryable"]:
+        raise failures.RunFailed(
+            f"{summary['errors_retryable']} input(s) or clip(s) failed for reasons that may pass "
+            f"({', '.join(f'{k} {v}' for k, v in summary['errors_by_class'].items() if k != 'input')}: "
+            "the store, the network or GPU memory) after their retries; rerun the same command to "
+            "retry them (OUTPUT has no _SUCCESS until then)")
+    layout.write_json(cfg.output, layout.SUCCESS, {**summary, "complete": True, "config": cfg.to_dict()}, cfg.s3)
     return summary
+
+
+def _encode_or_fail(cfg: Config, info: ModelInfo, todo: list[dict], record: dict) -> "Timeline":
+    """The dataflow with the run's ledger; a failure comes back as RunFailed naming its cause."""
+    import ray
+
+    from actors import ledger as ledger_mod
+    from actors.encoder import MAX_TASK_RETRIES
+
+    ledger = ledger_mod.start(cfg.max_error_rate)
+    try:
+        timeline = encode_videos(cfg, info, todo, ledger, record)
+        state = ray.get(ledger.state.remote())
+    except Exception as e:
+        state = _ledger_state(ledger)
+        if state.get("stop"):
+            raise failures.RunFailed(state["stop"]) from e
+        if state.get("cause"):
+            raise failures.RunFailed(f"the model or the device failed, not the inputs, so no input or clip "
+                                     f"was marked done; fix the cause and rerun: {state['cause']}") from e
+        if _is_actor_death(e):
+            raise failures.RunFailed(f"an encoder actor died {MAX_TASK_RETRIES + 1} times on the same "
+                                     "batch without saying why (a lost device, a process killed for "
+                                     "memory: see the Ray logs); nothing was marked done") from e
+        raise
+    finally:
+        ledger_mod.end(ledger)
+    if state.get("stop"):
+        raise failures.RunFailed(state["stop"])
+    return timeline
+
+
+def _ledger_state(ledger) -> dict:
+    import ray
+
+    try:
+        return ray.get(ledger.state.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the ledger is a witness; without it, report the error as is
+        return {}
+
+
+def _is_actor_death(e: BaseException) -> bool:
+    while e is not None:
+        if type(e).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def outcomes(cfg: Config) -> dict:
+    """What OUTPUT holds, by outcome: clips written, and error rows by class."""
+    from collections import Counter
+
+    errors = layout.read_columns(cfg.output, layout.ERRORS_DIR, ["error_class", "retryable", "clip_id"], cfg.s3)
+    rows = errors.to_pylist() if errors is not None else []
+    return {
+        "clips": layout.count_rows(cfg.output, layout.LATENTS_DIR, cfg.s3),
+        "errors": len(rows),
+        "errors_by_class": dict(Counter(r["error_class"] for r in rows)),
+        "errors_final": sum(not r["retryable"] for r in rows),
+        "errors_retryable": sum(bool(r["retryable"]) for r in rows),
+        "inputs_failed": sum(r["clip_id"] is None for r in rows),
+        "clips_failed": sum(r["clip_id"] is not None for r in rows),
+    }
 
 
 if __name__ == "__main__":

@@ -69,12 +69,12 @@ def write_video(path: str, frames: np.ndarray, fps: int = 24, codec: str = "libx
     return path
 
 
-def make_tiny_vae(folder: str, **overrides) -> str:
+def make_tiny_vae(folder: str, seed: int = 0, **overrides) -> str:
     """Save a tiny random-weight AutoencoderKLCogVideoX to ``folder/vae`` (a pipeline's layout)."""
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(**{**TINY_COGVIDEOX, **overrides})
     vae.save_pretrained(os.path.join(folder, "vae"))
     return folder

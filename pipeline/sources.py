@@ -9,7 +9,7 @@ import posixpath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline import schema, storage
 from pipeline.config import Config
 
 
@@ -28,7 +28,7 @@ def read_manifest(cfg: Config) -> pa.Table:
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    fs, path = storage.resolve(cfg.manifest, cfg.s3_endpoint)
+    fs, path = storage.resolve(cfg.manifest, cfg.s3)
     kind = path.lower().rsplit(".", 1)[-1]
     readers = {"csv": pacsv.read_csv, "jsonl": pajson.read_json, "ndjson": pajson.read_json,
                "json": pajson.read_json, "parquet": pq.read_table}
@@ -43,15 +43,13 @@ def read_manifest(cfg: Config) -> pa.Table:
 
 def manifest_extra_columns(cfg: Config) -> tuple[tuple[str, str], ...]:
     """The manifest's own columns and the Arrow type each keeps in the output."""
-    from pipeline import sink
-
-    schema = read_manifest(cfg).schema
-    taken = set(sink.CLIP_COLUMNS) | {"latents", "latents_mean", "latents_logvar", "extra"}
-    clash = [f.name for f in schema if f.name in taken]
+    columns = read_manifest(cfg).schema
+    taken = {*schema.CLIP_COLUMNS, *schema.ENCODER_COLUMNS, *schema.ALL_TENSOR_COLUMNS, "extra"}
+    clash = [f.name for f in columns if f.name in taken]
     if clash:
         raise ValueError(f"column(s) {', '.join(clash)} would overwrite the output's own; rename them")
     return tuple((f.name, str(f.type) if str(f.type) in PLAIN_TYPES else "string")
-                 for f in schema if f.name not in MANIFEST_COLUMNS)
+                 for f in columns if f.name not in MANIFEST_COLUMNS)
 
 
 def _manifest_rows(cfg: Config) -> list[dict]:
@@ -86,7 +84,7 @@ def list_videos(cfg: Config) -> list[dict]:
     """
     if cfg.manifest:
         return _manifest_rows(cfg)
-    fs, path = storage.resolve(cfg.input, cfg.s3_endpoint)
+    fs, path = storage.resolve(cfg.input, cfg.s3)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         infos = [info]

@@ -1,8 +1,10 @@
 """One way to reach local folders and S3-compatible stores: pyarrow filesystems.
 
-The S3 endpoint comes from the job config (``--s3-endpoint`` or ``AWS_ENDPOINT_URL``, resolved
-once on the driver); credentials and region come from the standard AWS chain on each worker,
-so no secret travels inside the config.
+The S3 endpoint and retry budget come from the job config (``--s3-endpoint`` or
+``AWS_ENDPOINT_URL``, resolved once on the driver, and ``--s3-max-attempts``); credentials and
+region come from the standard AWS chain on each worker, so no secret travels inside the config.
+
+Functions here take ``s3``: an :class:`S3Options`, or just an endpoint URL, or None (AWS).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 import io
 import os
 import posixpath
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -24,14 +27,24 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-# Throttling (503 SlowDown), 5xx and dropped connections are retried with exponential backoff.
+# Throttling (503 SlowDown), 5xx and dropped connections are retried with exponential backoff
+# by the AWS SDK, this many attempts per request (about 90 s when every attempt fails).
 S3_MAX_ATTEMPTS = 10
 
 
+class S3Options(NamedTuple):
+    endpoint: str | None = None
+    max_attempts: int = S3_MAX_ATTEMPTS
+
+
+def _options(s3) -> S3Options:
+    return s3 if isinstance(s3, S3Options) else S3Options(endpoint=s3)
+
+
 @functools.lru_cache(maxsize=16)
-def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-              "connect_timeout": 10, "request_timeout": 60}
+def _s3(endpoint: str | None, region: str | None, max_attempts: int) -> pafs.S3FileSystem:
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+              "connect_timeout": 10, "request_timeout": 60, "allow_delayed_open": True}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
@@ -48,12 +61,13 @@ def _region(bucket: str, endpoint: str | None) -> str | None:
         return None
 
 
-def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, s3=None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for an ``s3://`` URI or a local path."""
     if is_s3(uri):
+        opts = _options(s3)
         rest = uri[len("s3://"):]
         bucket = rest.split("/", 1)[0]
-        return _s3(endpoint, _region(bucket, endpoint)), rest.rstrip("/")
+        return _s3(opts.endpoint, _region(bucket, opts.endpoint), opts.max_attempts), rest.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
@@ -69,32 +83,32 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
-def exists(uri: str, endpoint: str | None = None) -> bool:
-    fs, path = resolve(uri, endpoint)
+def exists(uri: str, s3=None) -> bool:
+    fs, path = resolve(uri, s3)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def size(uri: str, endpoint: str | None = None) -> int:
+def size(uri: str, s3=None) -> int:
     """Bytes in a file; FileNotFoundError when there is none."""
-    fs, path = resolve(uri, endpoint)
+    fs, path = resolve(uri, s3)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"no such file: {uri}")
     return int(info.size)
 
 
-def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
-    fs, path = resolve(uri, endpoint)
+def read_bytes(uri: str, s3=None) -> bytes:
+    fs, path = resolve(uri, s3)
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
-def write_bytes_atomic(uri: str, data: bytes, endpoint: str | None = None) -> None:
+def write_bytes_atomic(uri: str, data: bytes, s3=None) -> None:
     """Write a whole object so that a reader sees the old state or the new one, never a part.
 
     An S3 PUT is atomic by itself; on a local disk we write a sibling temp file and rename it.
     """
-    fs, path = resolve(uri, endpoint)
+    fs, path = resolve(uri, s3)
     if isinstance(fs, pafs.S3FileSystem):
         with fs.open_output_stream(path) as out:
             out.write(data)
@@ -108,10 +122,15 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint: str | None = None) -> No
 
 
 class _RawNativeFile(io.RawIOBase):
-    """Adapts a pyarrow RandomAccessFile to io.RawIOBase so io.BufferedReader can wrap it."""
+    """Adapts a pyarrow RandomAccessFile to io.RawIOBase so io.BufferedReader can wrap it.
+
+    Remembers the first read failure: FFmpeg can turn an exception raised inside its read
+    callback into an early end of stream, and a network fault must never look like a short video.
+    """
 
     def __init__(self, native):
         self._f = native
+        self.failure: BaseException | None = None
 
     def readable(self):
         return True
@@ -120,12 +139,20 @@ class _RawNativeFile(io.RawIOBase):
         return True
 
     def readinto(self, b):
-        data = self._f.read(len(b))
+        try:
+            data = self._f.read(len(b))
+        except Exception as e:
+            self.failure = self.failure or e
+            raise
         b[: len(data)] = data
         return len(data)
 
     def seek(self, offset, whence=io.SEEK_SET):
-        return self._f.seek(offset, whence)
+        try:
+            return self._f.seek(offset, whence)
+        except Exception as e:
+            self.failure = self.failure or e
+            raise
 
     def tell(self):
         return self._f.tell()
@@ -139,14 +166,19 @@ class _RawNativeFile(io.RawIOBase):
 S3_READ_BUFFER = 8 << 20
 
 
-def open_for_decode(uri: str, endpoint: str | None = None):
+def open_for_decode(uri: str, s3=None):
     """A path (local) or a buffered, seekable file object (S3) that PyAV can open.
 
     Reads are streamed: a video is never loaded whole into memory.
     """
-    fs, path = resolve(uri, endpoint)
+    fs, path = resolve(uri, s3)
     if not isinstance(fs, pafs.S3FileSystem):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {uri}")
         return path
     return io.BufferedReader(_RawNativeFile(fs.open_input_file(path)), buffer_size=S3_READ_BUFFER)
+
+
+def read_failure(source) -> BaseException | None:
+    """The first read failure of a file object from :func:`open_for_decode` (None for a path)."""
+    return getattr(getattr(source, "raw", None), "failure", None)

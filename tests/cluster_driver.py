@@ -1,35 +1,26 @@
 """Runs one job on a multi-node ``ray.cluster_utils.Cluster`` in its own process (a test helper,
 not a test): ``python -m tests.cluster_driver INPUT OUTPUT MODEL NUM_FRAMES SIZE MODE``.
 
-MODE ``remove-node``: three nodes; the worker node hosting the encoder actor is removed while
-clips are being decoded and encoded. MODE ``spill``: one node with a small object store, fed more frame
-data than it holds. Prints the run's summary as JSON on its last line.
+MODE ``remove-node``: three nodes; the worker node hosting the encoder actor is removed while the
+actor's first call is under way (it blocks at the ``encode`` hook until its node is gone: the
+fault lands because the pipeline got there, not because a timer fired). MODE ``spill``: one node
+with a small object store, fed more frame data than it holds. Prints the run's summary as JSON
+on its last line. The hooks' folder comes from VIDEO_LATENTS_TEST_HOOKS, set by the test.
 """
 import json
 import os
 import sys
 import threading
-import time
 
 import ray
 from ray.cluster_utils import Cluster
 
 from pipeline import run as run_mod
 from pipeline.config import Config, validate
+from pipeline.hooks import ENV
+from tests.hookctl import Hooks
 
 MIB = 1 << 20
-
-
-def _actor_node(cluster_nodes):
-    """The worker node running the encoder actor (asked of the GCS: no dashboard needed)."""
-    from ray._private import state
-
-    for actor in state.actors().values():
-        if "VAEEncoder" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE":
-            for node in cluster_nodes:
-                if node.node_id == actor["Address"]["NodeID"]:
-                    return node
-    return None
 
 
 def main(input_, output, model, num_frames, size, mode):
@@ -46,18 +37,17 @@ def main(input_, output, model, num_frames, size, mode):
                                 height=int(size), width=int(size)))
     removed = {}
 
-    def remove_when_encoding():
-        """Once the actor runs on a worker and clips flow, take that node away."""
-        markers = os.path.join(output, "_markers")
-        node = None
-        while node is None or not (os.path.isdir(markers) and os.listdir(markers)):
-            time.sleep(0.1)
-            node = node or _actor_node(workers)
-        removed["node"] = node.node_id
+    def remove_when_encoding(hooks: Hooks):
+        """When the first encoder call signals from its node, take that node away."""
+        _, _, _, node_id = hooks.wait("encode")["encode"]
+        node = next(n for n in workers if n.node_id == node_id)
+        removed["node"] = node_id
         cluster.remove_node(node)
 
     if workers:
-        threading.Thread(target=remove_when_encoding, daemon=True).start()
+        hooks = Hooks(os.environ[ENV])
+        hooks.arm("encode", "block", first=1, last=1)
+        threading.Thread(target=remove_when_encoding, args=(hooks,), daemon=True).start()
     summary = run_mod.run(cfg, info)
     summary["removed_node"] = removed.get("node")
     print(json.dumps(summary), flush=True)

@@ -3,6 +3,7 @@ tiny random-weight CogVideoX VAE loaded through ``from_pretrained``."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Fake credentials for the local S3 server, set before Ray starts so its workers inherit them,
 # and so no test can ever reach a real AWS account.
@@ -10,9 +11,10 @@ for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "t
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[_key] = _value
 os.environ.pop("AWS_ENDPOINT_URL", None)
-# The encoder's test-only crash hook (armed by creating this file); set before Ray starts.
-CRASH_FILE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"video-latents-crash-{os.getpid()}")
-os.environ["VIDEO_LATENTS_TEST_CRASH_FILE"] = CRASH_FILE
+# The pipeline's test-only fault hooks (pipeline/hooks.py) for the in-process Ray: a folder per
+# test session, set before Ray starts so that its workers inherit it.
+HOOKS_DIR = tempfile.mkdtemp(prefix="vl-hooks-")
+os.environ["VIDEO_LATENTS_TEST_HOOKS"] = HOOKS_DIR
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -20,6 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline import samples  # noqa: E402
+from tests.hookctl import Hooks  # noqa: E402
 
 # The shape every test encodes at: the tiny VAE compresses 8x in space, 4x in time.
 NUM_FRAMES, HEIGHT, WIDTH = 9, 64, 64
@@ -89,3 +92,11 @@ def reference_latents(vae_dir: str, frames: np.ndarray, mode: str = "mode") -> n
         dist = vae.encode(x).latent_dist
         z = dist.mode() * vae.config.scaling_factor
     return z.permute(0, 2, 1, 3, 4)[0].numpy()
+
+
+@pytest.fixture
+def hooks():
+    """Arm the in-process Ray's fault hooks; disarmed (and the signals FIFO closed) afterwards."""
+    h = Hooks(HOOKS_DIR)
+    yield h
+    h.close()

@@ -1,7 +1,8 @@
 """A small HTTP proxy on loopback that forwards to an S3 server and injects transient faults.
 
-By a fixed schedule over request numbers (so a test is reproducible): 503 SlowDown, 500
-InternalError, or a connection dropped with no response. The client must retry with backoff.
+By a fixed schedule over request numbers, methods and paths (so a test is reproducible): 503
+SlowDown, 500 InternalError, or a connection dropped with no response. The client must retry with
+backoff.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
               "proxy-connection", "content-length"}
 
 
-def default_schedule(n: int) -> str | None:
+def default_schedule(n: int, method: str = "", path: str = "") -> str | None:
     """About one request in five fails; a retried request never meets two faults in a row."""
     if n % 17 == 5:
         return "reset"
@@ -53,9 +54,9 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, method: str, path: str) -> str | None:
         with self.lock:
-            fault = self.schedule(self.requests)
+            fault = self.schedule(self.requests, method, path)
             self.requests += 1
             if fault:
                 self.faults[fault] += 1
@@ -93,7 +94,7 @@ class FaultProxy:
 
             def _forward(self):
                 body = self._body()
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(self.command, self.path)
                 if fault == "reset":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)

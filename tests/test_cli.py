@@ -130,20 +130,26 @@ def test_bad_job_files_exit_2(tmp_path, capsys, content, message):
 def test_inspect_summarises_an_output(tmp_path, capsys):
     import json as _json
 
-    from pipeline import sink
+    from pipeline import layout, sink
     from pipeline.config import Config
     from tests.test_readers import write_output
 
     write_output(str(tmp_path), files=2, per_file=3)
     cfg = Config(input="i", output=str(tmp_path), model="m")
-    sink.write_errors(cfg, [sink.error_row("a.mp4", "sample", "TooShort", "short"),
-                            sink.error_row("b.mp4", "decode", "InvalidDataError", "bad")])
-    sink.write_success(cfg, {"videos": 4, "clips": 6, "wall_time_s": 2.0, "clips_per_s": 3.0})
+    sink.write_error(cfg, sink.error_row("a.mp4", "sample", "TooShort", "short"))
+    sink.write_error(cfg, sink.error_row("b.mp4", "decode", "InvalidDataError", "bad"))
+    sink.write_error(cfg, sink.error_row("c.mp4", "read", "OSError", "503", error_class="transient",
+                                         retryable=True))
+    layout.write_json(str(tmp_path), layout.SUCCESS, {"videos": 4, "clips": 6, "wall_time_s": 2.0,
+                                                      "clips_per_s": 3.0})
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     summary = _json.loads(capsys.readouterr().out)
     assert summary["clips"] == 6 and summary["files"] == 2 and summary["complete"]
     assert summary["tensors"]["latents"] == {"shape": [3, 4, 8, 8], "dtype": "halffloat"}
-    assert summary["errors_by_type"] == {"sample/TooShort": 1, "decode/InvalidDataError": 1}
+    assert summary["errors_by_type"] == {"sample/TooShort": 1, "decode/InvalidDataError": 1, "read/OSError": 1}
+    assert summary["errors_by_class"]["input"]["rows"] == 2
+    assert summary["errors_by_class"]["transient"] == {"rows": 1, "retryable": True, "by_type": {"read/OSError": 1}}
     assert main(["inspect", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "clips      6 in 2 files, from 2 of 4 videos" in text and "sample/TooShort" in text
+    assert "2  input (final)" in text and "1  transient (retryable: a rerun tries them again)" in text

@@ -8,13 +8,15 @@ import tempfile
 import pyarrow.dataset as pads
 
 from pipeline import samples
+from pipeline.hooks import ENV
 from tests.conftest import NUM_FRAMES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cluster_job(input_, output, model, size, mode) -> dict:
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tempfile.mkdtemp(prefix="vl", dir="/tmp")}
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tempfile.mkdtemp(prefix="vl", dir="/tmp"),
+           ENV: tempfile.mkdtemp(prefix="vl-hooks-", dir="/tmp")}
     proc = subprocess.run([sys.executable, "-m", "tests.cluster_driver", input_, output, model,
                            str(NUM_FRAMES), str(size), mode],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=420)

@@ -73,6 +73,10 @@ def check_output(latents: pa.Table, errors: pa.Table, success: dict, video_dir: 
     assert (errs["e_short.mp4"]["stage"], errs["e_short.mp4"]["error_type"]) == ("sample", "TooShort")
     assert errs["f_corrupt.mp4"]["stage"] == "decode" and errs["f_corrupt.mp4"]["message"]
     assert success["videos"] == 6 and success["clips"] == 5 and success["errors"] == 2
+    # _SUCCESS says what it means: complete, with the failed inputs counted by class.
+    assert success["complete"] and success["errors_by_class"] == {"input": 2}
+    assert (success["errors_final"], success["errors_retryable"], success["inputs_failed"]) == (2, 0, 2)
+    assert meta["job_fingerprint"] == success["job_fingerprint"] and meta["job"]["--num-frames"] == NUM_FRAMES
 
     # Numbers: clips of videos already at the target size equal diffusers' own computation.
     rows = latents.to_pylist()
@@ -106,7 +110,8 @@ def test_s3_to_s3_with_endpoint_from_env(ray_local, s3_server, s3_bucket, video_
     check_output(latents, errors, success, video_dir, f"s3://{bucket}/in", tiny_vae)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
     assert "out/_SUCCESS" in keys
-    assert all(k.endswith(".parquet") or k in ("out/_SUCCESS", "out/report.html") for k in keys), keys
+    assert all(k.endswith(".parquet") or k in ("out/_SUCCESS", "out/report.html", "out/_job.json")
+               for k in keys), keys
 
 
 def test_local_to_local_float32_and_reruns_are_identical(ray_local, video_dir, tiny_vae, tmp_path):

@@ -75,22 +75,82 @@ def test_dist_mode_stores_unscaled_mean_and_logvar(tiny_vae, tmp_path):
     assert out["latents_logvar"].shape == out["latents_mean"].shape
 
 
-def test_a_clip_that_fails_to_encode_becomes_an_error_row(tiny_vae, tmp_path):
+def _vae_with_limited_memory(enc, fits) -> list:
+    """Make the encoder's real VAE raise CUDA's out-of-memory error unless ``fits(x, vae)``, as a
+    small GPU would; returns the batch sizes it was called with."""
+    import torch
+
+    real_encode, calls = enc.vae.encode, []
+
+    def encode(x, *args, **kwargs):
+        calls.append((x.shape[0], bool(enc.vae.use_tiling)))
+        if not fits(x, enc.vae):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_encode(x, *args, **kwargs)
+
+    enc.vae.encode = encode
+    return calls
+
+
+def test_out_of_memory_splits_the_batch_down_to_single_clips(tiny_vae, tmp_path):
     enc = make_encoder(tiny_vae, tmp_path)
-    batch, _ = batch_of(3)
+    batch, clips = batch_of(3)
+    calls = _vae_with_limited_memory(enc, lambda x, vae: x.shape[0] == 1)
+    out = enc(batch)
+    assert calls[0] == (3, False) and calls[1:3] == [(1, False), (2, False)]  # halves, then halves again
+    assert list(out["clip_id"]) == ["clip0", "clip1", "clip2"] and not out["tiled"].any()
+    for got, frames in zip(out["latents"], clips):
+        np.testing.assert_allclose(got, reference_latents(tiny_vae, frames), rtol=1e-4, atol=1e-5)
+    assert not os.path.exists(tmp_path / "out" / "errors")
+
+
+def test_out_of_memory_alone_then_tiling_then_a_retryable_error_row(tiny_vae, tmp_path):
+    enc = make_encoder(tiny_vae, tmp_path)
+    batch, _ = batch_of(2)
+    _vae_with_limited_memory(enc, lambda x, vae: vae.use_tiling)
+    out = enc(batch)
+    assert list(out["clip_id"]) == ["clip0", "clip1"] and out["tiled"].all()  # the row says how it was made
+    assert not enc.vae.use_tiling  # tiling was a fallback for those clips only
+
+    enc = make_encoder(tiny_vae, tmp_path)
+    _vae_with_limited_memory(enc, lambda x, vae: False)
+    out = enc(batch)
+    assert len(out["clip_id"]) == 0 and out["latents"].shape == (0, 3, 4, HEIGHT // 8, WIDTH // 8)
+    rows = sorted(pq.read_table(os.path.join(tmp_path, "out", "errors")).to_pylist(), key=lambda r: r["clip_id"])
+    assert [(r["clip_id"], r["error_type"], r["error_class"], r["retryable"]) for r in rows] == [
+        ("clip0", "OutOfMemory", "resource", True), ("clip1", "OutOfMemory", "resource", True)]
+    assert "even with the VAE's tiling" in rows[0]["message"]
+
+
+def test_a_model_that_fails_is_systemic_not_the_clips_fault(tmp_path):
+    """A VAE built for 4 input channels fails on every RGB clip: that is the model's fault, so no
+    clip gets an error row; outside a run the encoder raises (in a run it restarts its actor)."""
+    from pipeline.failures import SystemicFailure
+
+    model = samples.make_tiny_vae(str(tmp_path / "m4"), in_channels=4)
+    enc = make_encoder(model, tmp_path)
+    with pytest.raises(SystemicFailure, match="channels"):
+        enc(batch_of(2)[0])
+    assert not os.path.exists(tmp_path / "out" / "errors")
+
+
+def test_non_finite_latents_are_the_clips_fault(tiny_vae, tmp_path):
+    enc = make_encoder(tiny_vae, tmp_path)
     real_encode = enc.encode
 
-    def encode_failing_on_clip1(frames, clip_ids):
-        if "clip1" in list(clip_ids):
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(frames, clip_ids)
+    def encode_with_a_nan(frames, clip_ids):
+        out = real_encode(frames, clip_ids)
+        for j, cid in enumerate(clip_ids):
+            if cid == "clip1":
+                out["latents"][j] = np.nan
+        return out
 
-    enc.encode = encode_failing_on_clip1
-    out = enc(batch)
-    assert list(out["clip_id"]) == ["clip0", "clip2"] and len(out["latents"]) == 2
+    enc.encode = encode_with_a_nan
+    out = enc(batch_of(3)[0])
+    assert list(out["clip_id"]) == ["clip0", "clip2"]
     (row,) = pq.read_table(os.path.join(tmp_path, "out", "errors")).to_pylist()
-    assert row == {"source_uri": "file1.mp4", "stage": "encode", "error_type": "RuntimeError",
-                   "message": "CUDA out of memory (simulated)", "clip_id": "clip1"}
+    assert (row["clip_id"], row["error_type"], row["error_class"], row["retryable"]) == \
+        ("clip1", "NonFinite", "input", False)
 
 
 @pytest.mark.parametrize("latent_dtype", ["float16", "float32"])

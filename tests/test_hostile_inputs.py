@@ -151,7 +151,7 @@ def test_names_that_look_like_paths_on_s3(ray_local, s3_server, s3_bucket, tiny_
     written = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     outside = [k for k in written if not k.startswith(("in/", "out/"))]
     assert outside == [], outside
-    assert all(os.path.basename(k).split("-")[0] in ("part", "err", "vid", "_SUCCESS", "report.html")
+    assert all(os.path.basename(k).split("-")[0] in ("part", "err", "vid", "_SUCCESS", "report.html", "_job.json")
                for k in written if k.startswith("out/")), written
     success = client.get_object(Bucket=bucket, Key="out/_SUCCESS")["Body"].read()
     import json

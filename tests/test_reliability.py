@@ -12,10 +12,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import samples
+from pipeline import decode, layout, samples
 from pipeline.cli import main
-from tests.conftest import CRASH_FILE, HEIGHT, NUM_FRAMES, WIDTH, upload_folder
+from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH, upload_folder
 from tests.faultproxy import FaultProxy
+from tests.hookctl import Hooks
 
 SHAPE = ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
 
@@ -82,70 +83,100 @@ def _ray_session_alive(tmpdir: str) -> list[int]:
     return alive
 
 
-def run_driver(args: list[str], kill_when=None, timeout=240) -> int | None:
-    """Run the CLI in its own process with its own local Ray; SIGKILL it when kill_when() holds.
-    Returns the exit code, or None when it was killed (after its Ray workers are gone)."""
-    tmpdir = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # short: Ray's socket paths have a limit
-    env = {**os.environ, "RAY_TMPDIR": tmpdir, "RAY_ADDRESS": ""}
-    log = open(os.path.join(tmpdir, "driver.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if kill_when is not None and kill_when():
-            # The driver's node is lost: the driver, and with it the local Ray it started.
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            while pids := _ray_session_alive(tmpdir):
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.1)
-            return None
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.kill()
-        raise AssertionError("the run did not finish in time")
-    if proc.returncode != 0 and kill_when is not None:
-        with open(log.name) as f:
-            raise AssertionError(f"the run ended (code {proc.returncode}) before the kill:\n{f.read()[-3000:]}")
-    return proc.returncode
+class Driver:
+    """The CLI in its own process with its own local Ray (as `ray submit` runs it on a head node),
+    with the pipeline's fault hooks in a folder of its own."""
+
+    def __init__(self, args: list[str], hooks: Hooks | None = None):
+        self.tmpdir = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # short: Ray's socket paths have a limit
+        self.log = os.path.join(self.tmpdir, "driver.log")
+        env = {**os.environ, "RAY_TMPDIR": self.tmpdir, "RAY_ADDRESS": "", **(hooks.env if hooks else {})}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env,
+                                         stdout=log, stderr=log)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not finish in time:\n{self.output()[-3000:]}") from None
+
+    def kill(self) -> None:
+        """The driver's node is lost: the driver, and with it the local Ray it started."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        while pids := _ray_session_alive(self.tmpdir):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)  # until the kernel has reaped them; not a decision point
+
+    def output(self) -> str:
+        with open(self.log) as f:
+            return f.read()
 
 
 def _count(folder: str) -> int:
     return len([f for f in os.listdir(folder) if f.endswith(".parquet")]) if os.path.isdir(folder) else 0
 
 
-@pytest.mark.parametrize("point", ["reading", "encoding", "writing"])
+# Where to kill the driver: each point blocks every arrival from the given one on, so the run
+# cannot finish before the kill, and the kill cannot come before the point is reached.
+KILL_POINTS = {
+    "reading": ("decode", 1),  # Ray is up, an input is about to be opened, nothing encoded
+    "encoding": ("encode", 1),  # clips decoded, the first encoder call under way
+    "writing": ("write", 3),  # two latents files written (of 15 in a clean run), the third blocked
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_killed_driver_then_rerun_gives_exactly_the_clean_result(point, clean_run, inputs, tiny_vae,
                                                                    tmp_path):
     out = str(tmp_path / "out")
-    latents_dir = os.path.join(out, "latents")
-    started = time.monotonic()
-    kill_when = {
-        # Ray is up and decoding, nothing encoded yet.
-        "reading": lambda: os.path.isdir(os.path.join(out, "errors")) or time.monotonic() - started > 6,
-        "encoding": lambda: _count(latents_dir) >= 1,
-        "writing": lambda: _count(latents_dir) >= 3,  # of 5 files in a clean run
-    }[point]
     args = ["encode", inputs, out, "--model", tiny_vae, *SHAPE]
-    assert run_driver(args, kill_when) is None
-    partial = _count(latents_dir)
-    assert partial < 15 and not os.path.exists(os.path.join(out, "_SUCCESS"))
+    hooks = Hooks()
+    hook, first = KILL_POINTS[point]
+    hooks.arm(hook, "block", first=first)
+    driver = Driver(args, hooks)
+    hooks.wait(hook, proc=driver.proc, log=driver.log)
+    driver.kill()
+    hooks.close()
+    written = _count(os.path.join(out, "latents"))
+    assert written == {"reading": 0, "encoding": 0, "writing": 2}[point] or \
+        (point == "writing" and 2 <= written < 15), written
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
     every_parquet_file_is_whole(out)
 
-    assert run_driver(args) == 0
+    rerun = Driver(args)
+    assert rerun.wait() == 0, rerun.output()[-3000:]
     clips, errors = snapshot(out)
     assert (clips, errors) == clean_run  # same ids, same latent bytes, same errors
     every_parquet_file_is_whole(out)
 
 
 def test_an_encoder_actor_dying_mid_batch_is_restarted_and_its_batch_retried(
-        ray_local, clean_run, inputs, tiny_vae, tmp_path):
-    open(CRASH_FILE, "w").close()  # arm: the next actor call kills its process
+        ray_local, clean_run, inputs, tiny_vae, tmp_path, hooks):
+    hooks.arm("encode", "crash", first=1, last=1)  # the first encoder call kills its process
     out = str(tmp_path / "out")
     assert main(["encode", inputs, out, "--model", tiny_vae, *SHAPE]) == 0
-    assert not os.path.exists(CRASH_FILE), "the crash hook never fired"
+    assert hooks.arrivals("encode") > 15, "the crash hook never fired, or the batch was not retried"
     assert snapshot(out) == clean_run
+
+
+def test_a_device_that_keeps_failing_stops_the_run_and_marks_nothing_done(
+        ray_local, inputs, tiny_vae, tmp_path, hooks, capsys):
+    """Every encoder process dies on its first call, as on a lost GPU: the batch is retried on
+    restarted actors, then the run stops with exit 1 and one line; no clip is marked done."""
+    hooks.arm("encode", "crash")
+    out = str(tmp_path / "out")
+    assert main(["encode", inputs, out, "--model", tiny_vae, *SHAPE]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("video-latents: run failed: an encoder actor died 6 times"), err
+    assert hooks.arrivals("encode") == 6
+    assert _count(os.path.join(out, "latents")) == 0 and not os.path.exists(os.path.join(out, "_SUCCESS"))
+    errors = layout.read_columns(out, layout.ERRORS_DIR, ["stage"])
+    assert errors is None or "encode" not in errors.column("stage").to_pylist()
 
 
 def test_transient_s3_faults_are_retried_and_nothing_is_lost(
@@ -159,4 +190,39 @@ def test_transient_s3_faults_are_retried_and_nothing_is_lost(
     assert code == 0
     assert min(proxy.faults.values()) >= 3, proxy.faults  # every kind of fault was really injected
     fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http")
+    assert snapshot(f"{bucket}/out", fs) == clean_run
+
+
+def test_an_input_whose_reads_keep_failing_gets_a_retryable_row_and_a_rerun_retries_it(
+        ray_local, clean_run, s3_server, s3_bucket, inputs, tiny_vae, capsys):
+    """Every request for one input answers 503 SlowDown: the S3 client retries, then the decode
+    step retries the input; it ends with a retryable error row, exit 1 and no _SUCCESS. A rerun
+    (the store healthy again) encodes it, and the result is exactly the clean one."""
+    client, bucket = s3_bucket
+    upload_folder(client, bucket, inputs, "in")
+    args = ["encode", f"s3://{bucket}/in", f"s3://{bucket}/out", "--model", tiny_vae, *SHAPE]
+    throttled = []
+
+    def slow_down_v3(n, method, path):
+        if "/in/v3.mp4" in path:
+            throttled.append(method)
+            return "503"
+        return None
+
+    with FaultProxy(s3_server, schedule=slow_down_v3) as proxy:
+        code = main([*args, "--s3-endpoint", proxy.endpoint, "--s3-max-attempts", "2"])
+    assert code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 input(s) or clip(s) failed for reasons that may pass (transient 1" in last, last
+    assert "rerun the same command" in last
+    # The S3 client's 2 attempts, for each of the decode step's 3 tries.
+    assert len(throttled) >= 2 * (1 + decode.TRANSIENT_RETRIES), throttled
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http")
+    errors = pads.dataset(f"{bucket}/out/errors", filesystem=fs, format="parquet").to_table().to_pylist()
+    (row,) = [e for e in errors if e["source_uri"].endswith("v3.mp4")]
+    assert (row["stage"], row["error_class"], row["retryable"]) == ("read", "transient", True)
+    assert "503" in row["message"]
+    assert "out/_SUCCESS" not in [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+
+    assert main([*args, "--s3-endpoint", s3_server]) == 0
     assert snapshot(f"{bucket}/out", fs) == clean_run

@@ -25,7 +25,7 @@ def test_progress_line(monkeypatch, capsys):
     from pipeline import run
 
     monkeypatch.setattr(run, "PROGRESS_EVERY_S", 0.0)
-    progress = run.Progress(total_videos=4)
+    progress = run.Timeline(total_videos=4)
     progress.update(3, ["a", "b"])
     progress.update(2, ["b"])
     lines = capsys.readouterr().err.strip().splitlines()

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import sink
+from pipeline import layout, sink
 from pipeline.config import Config
 
 
@@ -58,18 +58,25 @@ def test_dist_mode_columns(tmp_path):
     assert table.schema.field("latents_logvar").type.shape == [3, 4, 8, 8]
 
 
-def test_errors_and_counts(tmp_path):
-    cfg = Config(input="i", output=str(tmp_path), model="m")
-    assert sink.count_rows(cfg, sink.ERRORS_DIR) == 0
-    sink.write_errors(cfg, [sink.error_row("u1", "decode", "InvalidDataError", "bad\nsecond line")])
-    sink.write_errors(cfg, [sink.error_row("u2", "encode", "RuntimeError", "", clip_id="c")])
-    rows = sorted(pq.read_table(tmp_path / "errors").to_pylist(), key=lambda r: r["source_uri"])
-    assert rows[0]["message"] == "bad" and rows[1]["message"] == "RuntimeError"
-    assert rows[1]["clip_id"] == "c" and rows[0]["clip_id"] is None
-    assert sink.count_rows(cfg, sink.ERRORS_DIR) == 2
+def test_errors_markers_and_counts(tmp_path):
+    cfg = Config(input="i", output=str(tmp_path), model="m", job_fingerprint="f00d")
+    out = str(tmp_path)
+    assert layout.count_rows(out, layout.ERRORS_DIR) == 0
+    sink.write_error(cfg, sink.error_row("u1", "decode", "InvalidDataError", "bad\nsecond line"))
+    sink.write_error(cfg, sink.error_row("u2", "encode", "OutOfMemory", "", clip_id="c",
+                                         error_class="resource", retryable=True))
+    sink.write_error(cfg, sink.error_row("u2", "encode", "NonFinite", "nan", clip_id="d"))
+    rows = sorted(pq.read_table(tmp_path / "errors").to_pylist(), key=lambda r: (r["source_uri"], r["clip_id"] or ""))
+    assert rows[0]["message"] == "bad" and rows[0]["clip_id"] is None and rows[0]["error_class"] == "input"
+    assert rows[1]["message"] == "OutOfMemory" and rows[1]["retryable"] and rows[1]["clip_id"] == "c"
+    assert layout.count_rows(out, layout.ERRORS_DIR) == 3  # one file per input or clip: none overwrote another
+    sink.write_error(cfg, sink.error_row("u1", "decode", "InvalidDataError", "again"))
+    assert layout.count_rows(out, layout.ERRORS_DIR) == 3  # the same input's row is replaced, not added
     sink.write_marker(cfg, "u3", ["a", "b"])
-    assert sink.read_columns(cfg, sink.MARKERS_DIR, ["clip_ids"]).to_pylist() == [{"clip_ids": ["a", "b"]}]
-    sink.prepare_output(cfg)  # no --overwrite: nothing is removed
-    assert sorted(os.listdir(tmp_path)) == ["_markers", "errors"]
-    sink.prepare_output(cfg.replace(overwrite=True))
+    assert layout.read_columns(out, layout.MARKERS_DIR, ["clip_ids"]).to_pylist() == [{"clip_ids": ["a", "b"]}]
+    for folder in ("errors", "_markers"):  # the job's fingerprint travels in every file
+        for f in os.listdir(tmp_path / folder):
+            meta = json.loads(pq.read_schema(tmp_path / folder / f).metadata[b"video_latents"])
+            assert meta == {"job_fingerprint": "f00d"}
+    layout.clear(out)
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,93 @@
+"""The run's ledger: one small actor per run that decode tasks and encoder actors report to.
+
+It holds what no single task sees: the share of inputs (and clips) that failed, for the
+``--max-error-rate`` guard, and the cause of a systemic failure, so that the driver can name it
+in one line after the actor that met it is gone.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+# The guard judges only once this many inputs (or clips) have an outcome: a few early
+# failures in a sorted listing say little about the whole dataset.
+MIN_OUTCOMES_FOR_GUARD = 20
+
+
+def guard_verdict(kind: str, ok: int, failed: Counter, max_rate: float) -> str | None:
+    """A one-line reason to stop, or None: ``kind`` is "inputs" or "clips"."""
+    bad = sum(failed.values())
+    total = ok + bad
+    if max_rate >= 1 or total < MIN_OUTCOMES_FOR_GUARD or bad <= max_rate * total:
+        return None
+    top = ", ".join(f"{name} {n}" for name, n in failed.most_common(3))
+    return (f"stopped: {bad} of {total} {kind} failed ({bad / total:.0%}, over --max-error-rate "
+            f"{max_rate:g}); most common: {top}. If this is expected of the data, raise "
+            "--max-error-rate (1 turns the guard off)")
+
+
+class RunLedger:
+    """Ray actor (num_cpus=0) created by the driver for one run."""
+
+    def __init__(self, max_error_rate: float):
+        self.max_rate = max_error_rate
+        self.inputs_ok, self.inputs_failed = 0, Counter()
+        self.clips_ok, self.clips_failed = 0, Counter()
+        self.stop: str | None = None
+        self.cause: str | None = None
+        self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
+
+    def register(self, actor) -> None:
+        """An encoder actor (re)started. Holding its handle keeps it in scope, so the driver can
+        end it with the run even while Ray is restarting it (an actor that goes out of scope in
+        the middle of a restart comes back as an orphan holding its CPU or GPU)."""
+        self.actors[actor._actor_id.hex()] = actor
+
+    def registered(self) -> list:
+        return list(self.actors.values())
+
+    def input_outcome(self, failed_as: str | None) -> str | None:
+        """One input done (``failed_as`` None) or failed (``stage/ErrorType``); returns the
+        reason to stop the run when the guard trips."""
+        if failed_as is None:
+            self.inputs_ok += 1
+        else:
+            self.inputs_failed[failed_as] += 1
+        self.stop = self.stop or guard_verdict("inputs", self.inputs_ok, self.inputs_failed, self.max_rate)
+        return self.stop
+
+    def clip_outcomes(self, ok: int, failed_as: list[str]) -> str | None:
+        self.clips_ok += ok
+        self.clips_failed.update(failed_as)
+        self.stop = self.stop or guard_verdict("clips", self.clips_ok, self.clips_failed, self.max_rate)
+        return self.stop
+
+    def systemic(self, cause: str) -> None:
+        self.cause = self.cause or cause  # the first cause; later ones are usually its echoes
+
+    def state(self) -> dict:
+        return {"stop": self.stop, "cause": self.cause, "inputs_ok": self.inputs_ok,
+                "inputs_failed": sum(self.inputs_failed.values()), "clips_ok": self.clips_ok,
+                "clips_failed": sum(self.clips_failed.values())}
+
+
+def end(ledger) -> None:
+    """After a run, succeeded or failed: end its encoder actors for good, then the ledger."""
+    import ray
+
+    try:
+        actors = ray.get(ledger.registered.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a ledger that is gone took its handles with it
+        actors = []
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    ray.kill(ledger)
+
+
+def start(max_error_rate: float):
+    """A ledger for one run, placed on the driver's node (it holds no resources)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(num_cpus=0, max_restarts=0)(RunLedger).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(max_error_rate)

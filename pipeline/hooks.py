@@ -1,0 +1,77 @@
+"""Test-only fault hooks: the pipeline signals when it reaches a named point, and can block or
+crash there, so a fault test reaches its fault because the code got there, never by a timer.
+
+Inactive unless ``VIDEO_LATENTS_TEST_HOOKS`` names a folder (it must be set before Ray starts so
+that workers inherit it). In that folder, a test arms a point by writing ``<point>.arm``:
+
+    {"action": "signal" | "block" | "crash", "from": 1, "until": null}
+
+Arrivals at the point are counted across processes (``from``/``until`` pick which ones act,
+both 1-based and inclusive). Each acting arrival writes ``<point> <n> <pid> <node id>`` as one line
+to the FIFO ``signals`` in the folder when a test is listening on it; then ``block`` waits until
+the process is killed and ``crash`` ends the process at once, as a lost GPU or an OOM kill would.
+
+Points: ``decode`` (an input is about to be opened), ``decode-error`` (an input's error row is
+committed), ``encode`` (an encoder call begins), ``write`` (a latents file is about to be written).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+ENV = "VIDEO_LATENTS_TEST_HOOKS"
+SIGNALS = "signals"
+
+
+def reach(point: str) -> None:
+    folder = os.environ.get(ENV)
+    if not folder:
+        return
+    try:
+        with open(os.path.join(folder, f"{point}.arm")) as f:
+            spec = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return  # not armed (or being armed right now: a test arms before it starts the run)
+    n = _arrival(folder, point)
+    if n < spec.get("from", 1) or (spec.get("until") is not None and n > spec["until"]):
+        return
+    _signal(folder, f"{point} {n} {os.getpid()} {_node_id()}")
+    if spec["action"] == "crash":
+        os._exit(1)
+    if spec["action"] == "block":
+        threading.Event().wait()
+
+
+def _arrival(folder: str, point: str) -> int:
+    """This arrival's number at the point, counted across processes with exclusive creates."""
+    n = 1
+    while True:
+        try:
+            os.close(os.open(os.path.join(folder, f"{point}.{n}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def _signal(folder: str, line: str) -> None:
+    try:
+        fd = os.open(os.path.join(folder, SIGNALS), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENXIO):  # no FIFO, or nobody listening
+            return
+        raise
+    try:
+        os.write(fd, (line + "\n").encode())  # under PIPE_BUF: one atomic write
+    finally:
+        os.close(fd)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    except Exception:  # noqa: BLE001 - the node id is a courtesy for multi-node tests
+        return "-"

@@ -1,0 +1,108 @@
+"""Where things live in OUTPUT, and reading them back.
+
+  _job.json                     the job's identity, written first (see pipeline.job)
+  latents/part-<hash>.parquet   one row per clip; the hash is of the clip ids inside
+  errors/err-<hash>.parquet     one row per input (or clip) that could not be encoded
+  _markers/vid-<hash>.parquet   per input: the ids of all its clips, once they are all cut
+  report.html                   throughput over time, errors by type, clips per video
+  _SUCCESS                      JSON written last, only when the run is complete
+
+Names derive from ids, never from input names, so a retried task rewrites the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from pipeline import storage
+
+LATENTS_DIR = "latents"
+ERRORS_DIR = "errors"
+MARKERS_DIR = "_markers"  # a leading underscore: Parquet dataset readers of OUTPUT skip it
+JOB = "_job.json"
+SUCCESS = "_SUCCESS"
+REPORT = "report.html"
+
+
+def file_name(prefix: str, keys) -> str:
+    digest = hashlib.blake2b("\n".join(sorted(keys)).encode(), digest_size=12).hexdigest()
+    return f"{prefix}-{digest}.parquet"
+
+
+def error_key(source_uri: str, clip_id: str | None) -> str:
+    return f"{source_uri}\0{clip_id or ''}"
+
+
+def error_file(source_uri: str, clip_id: str | None) -> str:
+    """One error file per input (or per clip): a retry overwrites it, a success deletes it."""
+    return file_name("err", [error_key(source_uri, clip_id)])
+
+
+def marker_file(source_uri: str) -> str:
+    return file_name("vid", [source_uri])
+
+
+def read_columns(output: str, folder: str, columns: list[str], s3=None):
+    """Some columns of every Parquet file under OUTPUT/folder (None when there is none)."""
+    fs, path = storage.resolve(storage.join(output, folder), s3)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns) if dataset.files else None
+
+
+def count_rows(output: str, folder: str, s3=None) -> int:
+    fs, path = storage.resolve(storage.join(output, folder), s3)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def has_results(output: str, s3=None) -> bool:
+    """Whether OUTPUT holds any latents or error file (markers alone record no outcome)."""
+    for folder in (LATENTS_DIR, ERRORS_DIR):
+        fs, path = storage.resolve(storage.join(output, folder), s3)
+        if fs.get_file_info(path).type == pafs.FileType.Directory and \
+                any(i.base_name.endswith(".parquet") for i in fs.get_file_info(pafs.FileSelector(path))):
+            return True
+    return False
+
+
+def delete(output: str, names: list[str], s3=None) -> None:
+    for name in names:
+        fs, path = storage.resolve(storage.join(output, name), s3)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def delete_if_present(uri: str, s3=None) -> None:
+    fs, path = storage.resolve(uri, s3)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def clear(output: str, s3=None) -> None:
+    """--overwrite: remove a previous run's output, ``_SUCCESS`` first, so that no reader
+    mistakes a half-deleted folder for a finished one."""
+    delete(output, [SUCCESS, REPORT, LATENTS_DIR, ERRORS_DIR, MARKERS_DIR, JOB], s3)
+
+
+def read_json(output: str, name: str, s3=None) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(output, name), s3))
+    except FileNotFoundError:
+        return None
+
+
+def write_json(output: str, name: str, body: dict, s3=None) -> None:
+    text = json.dumps(body, indent=2, sort_keys=True, default=str)
+    storage.write_bytes_atomic(storage.join(output, name), text.encode(), s3)

@@ -1,0 +1,51 @@
+"""The output's contract: column names and types, the metadata key and the tensor layout.
+
+Imported by the steps that write rows (decode, encoder, sink) and those that read them (resume,
+readers, report), so that none of them imports another for a column name.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+METADATA_KEY = b"video_latents"
+LAYOUT = "TCHW"
+STAGES = ("list", "read", "decode", "sample", "encode", "write")
+
+# The columns a clip row carries from the decode step to the writer, unchanged.
+CLIP_COLUMNS = {
+    "clip_id": pa.string(),
+    "source_uri": pa.string(),
+    "clip_index": pa.int32(),
+    "start_frame": pa.int32(),
+    "num_frames": pa.int32(),
+    "fps": pa.float64(),
+    "height": pa.int32(),
+    "width": pa.int32(),
+}
+# Added by the encoder: whether the clip went through the VAE's tiled path (asked for with
+# --tiling, or taken as the last step down when a clip alone ran out of GPU memory).
+ENCODER_COLUMNS = {"tiled": pa.bool_()}
+
+# Error classes (see pipeline.failures): an input's own fault is final; the others are retried.
+INPUT, TRANSIENT, RESOURCE = "input", "transient", "resource"
+
+ERROR_SCHEMA = pa.schema([
+    ("source_uri", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+    ("clip_id", pa.string()),  # set for a clip that failed in the encoder; null for a whole input
+    ("error_class", pa.string()),  # input | transient | resource
+    ("retryable", pa.bool_()),  # a rerun tries it again (transient and resource errors)
+    # For an input that failed part-way: the clips cut before the failure. The error row is the
+    # input's outcome only once all of them are committed, so a crash cannot hide them.
+    ("clip_ids", pa.list_(pa.string())),
+])
+MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), ("clip_ids", pa.list_(pa.string()))])
+
+
+def tensor_columns(latent_mode: str) -> tuple[str, ...]:
+    return ("latents_mean", "latents_logvar") if latent_mode == "dist" else ("latents",)
+
+
+ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar")

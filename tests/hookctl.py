@@ -1,0 +1,85 @@
+"""The test side of pipeline/hooks.py: arm named points, and wait for the pipeline's signal that
+it reached one. Waiting is on a FIFO the pipeline writes to; the only clock is a deadline after
+which the test fails (the point was never reached), never one that decides when a fault lands."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import select
+import tempfile
+import time
+
+from pipeline.hooks import ENV, SIGNALS
+
+NEVER_REACHED_S = 300
+
+
+class Hooks:
+    def __init__(self, folder: str | None = None):
+        self.folder = folder or tempfile.mkdtemp(prefix="vl-hooks-", dir="/tmp")
+        fifo = os.path.join(self.folder, SIGNALS)
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo)
+        # Read-write: opening never blocks, a writer never meets "no reader", and EOF never comes.
+        self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        self.pending = b""
+        self.seen: list[str] = []
+
+    @property
+    def env(self) -> dict:
+        return {ENV: self.folder}
+
+    def arm(self, point: str, action: str, first: int = 1, last: int | None = None) -> None:
+        """From arrival ``first`` to ``last`` (inclusive; None: all later), signal and then
+        ``action``: "signal" (go on), "block" (until killed) or "crash" (end the process)."""
+        tmp = os.path.join(self.folder, f".{point}.arm.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"action": action, "from": first, "until": last}, f)
+        os.replace(tmp, os.path.join(self.folder, f"{point}.arm"))
+
+    def arrivals(self, point: str) -> int:
+        return len(glob.glob(os.path.join(self.folder, f"{point}.[0-9]*")))
+
+    def wait(self, *points: str, proc=None, log: str | None = None) -> dict[str, list[str]]:
+        """Block until each point has signalled once; returns {point: its signal's fields}."""
+        wanted, got = set(points), {}
+        for line in self.seen:
+            fields = line.split()
+            if fields[0] in wanted - set(got):
+                got[fields[0]] = fields
+        deadline = time.monotonic() + NEVER_REACHED_S
+        while set(got) != wanted:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the run ended (code {proc.returncode}) before reaching "
+                                     f"{sorted(wanted - set(got))}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{sorted(wanted - set(got))} never reached:\n{_tail(log)}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if not ready:
+                continue
+            self.pending += os.read(self.fd, 65536)
+            *lines, self.pending = self.pending.split(b"\n")
+            for line in (raw.decode() for raw in lines):
+                self.seen.append(line)
+                fields = line.split()
+                if fields[0] in wanted and fields[0] not in got:
+                    got[fields[0]] = fields
+        return got
+
+    def disarm(self) -> None:
+        for path in glob.glob(os.path.join(self.folder, "*.arm")) + \
+                glob.glob(os.path.join(self.folder, "*.[0-9]*")):
+            os.remove(path)
+
+    def close(self) -> None:
+        self.disarm()
+        os.close(self.fd)
+        self.seen.clear()
+
+
+def _tail(log: str | None) -> str:
+    if not log or not os.path.exists(log):
+        return ""
+    with open(log) as f:
+        return f.read()[-3000:]
