@@ -23,21 +23,21 @@ log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 5
 
 
-def load_vae(cfg: Config, info: ModelInfo):
+def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
     """The VAE through diffusers' ``from_pretrained``, the class named by its config."""
     import diffusers
     import torch
 
     cls = getattr(diffusers, info.class_name)
     # safetensors only, unless the user vouches for pickle weights (which can run code).
-    vae = cls.from_pretrained(local_model_dir(cfg.model, cfg.s3),
+    vae = cls.from_pretrained(local_model_dir(info, cfg.s3),
                               subfolder=info.subfolder, torch_dtype=getattr(torch, cfg.dtype),
                               use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
         vae.enable_tiling()
     if cfg.slicing:
         vae.enable_slicing()
-    return vae.to(cfg.device).eval().requires_grad_(False)
+    return vae.to(device or cfg.device).eval().requires_grad_(False)
 
 
 def clip_seed(seed: int, clip_id: str) -> int:
@@ -68,10 +68,11 @@ class VAEEncoder:
     def __init__(self, cfg: Config, info: ModelInfo, ledger=None):
         import torch
 
+        hooks.reach("encoder-start")
         self.torch = torch
         self.cfg = cfg
         self.ledger = ledger  # None outside a run (tests, benchmarks): failures raise instead
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(hooks.compute_device(cfg.device))
         self.dtype = getattr(torch, cfg.dtype)
         self.latent_dtype = getattr(torch, cfg.latent_dtype)
         if self.device.type == "cuda":
@@ -85,7 +86,7 @@ class VAEEncoder:
 
             ray.get(ledger.register.remote(ray.get_runtime_context().current_actor))
         try:
-            self.vae = load_vae(cfg, info)
+            self.vae = load_vae(cfg, info, str(self.device))
         except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
             self._report_systemic("loading the model", e)
             raise

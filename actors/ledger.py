@@ -6,6 +6,7 @@ in one line after the actor that met it is gone.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 # The guard judges only once this many inputs (or clips) have an outcome: a few early
@@ -35,6 +36,14 @@ class RunLedger:
         self.stop: str | None = None
         self.cause: str | None = None
         self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
+        self.inputs_listed, self.inputs_already_done = 0, 0
+        self.started = time.monotonic()
+        self.encoded: list[tuple[float, int]] = []  # (seconds since the start, clips encoded so far)
+
+    def listed(self, inputs: int, already_done: int) -> None:
+        """A page of the listing went by: so many inputs, so many of them done by earlier runs."""
+        self.inputs_listed += inputs
+        self.inputs_already_done += already_done
 
     def register(self, actor) -> None:
         """An encoder actor (re)started. Holding its handle keeps it in scope, so the driver can
@@ -57,15 +66,20 @@ class RunLedger:
 
     def clip_outcomes(self, ok: int, failed_as: list[str]) -> str | None:
         self.clips_ok += ok
+        self.encoded.append((round(time.monotonic() - self.started, 3), self.clips_ok))
         self.clips_failed.update(failed_as)
         self.stop = self.stop or guard_verdict("clips", self.clips_ok, self.clips_failed, self.max_rate)
         return self.stop
+
+    def timeline(self) -> list[tuple[float, int]]:
+        return list(self.encoded)
 
     def systemic(self, cause: str) -> None:
         self.cause = self.cause or cause  # the first cause; later ones are usually its echoes
 
     def state(self) -> dict:
-        return {"stop": self.stop, "cause": self.cause, "inputs_ok": self.inputs_ok,
+        return {"stop": self.stop, "cause": self.cause, "inputs_listed": self.inputs_listed,
+                "inputs_already_done": self.inputs_already_done, "inputs_ok": self.inputs_ok,
                 "inputs_failed": sum(self.inputs_failed.values()), "clips_ok": self.clips_ok,
                 "clips_failed": sum(self.clips_failed.values())}
 
@@ -84,10 +98,9 @@ def end(ledger) -> None:
 
 
 def start(max_error_rate: float):
-    """A ledger for one run, placed on the driver's node (it holds no resources)."""
+    """A ledger for one run, on the head node (where `ray submit` and `ray job submit` run the
+    driver, and which no autoscaler removes); it holds no CPU."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    return ray.remote(num_cpus=0, max_restarts=0)(RunLedger).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(max_error_rate)
+    return ray.remote(num_cpus=0, max_restarts=0, resources={"node:__internal_head__": 0.001})(
+        RunLedger).remote(max_error_rate)

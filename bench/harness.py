@@ -222,7 +222,6 @@ def decode_vs_ffmpeg(device: str, frames: int = 240) -> dict:
     """PyAV decode + resize on one thread (our decode step) against `ffmpeg -threads 1` decoding
     the same file to rawvideo at the same size."""
     import av
-    from av.video.reformatter import VideoReformatter
 
     (_, h, w), (src_h, src_w) = SHAPES[device]
     root = tempfile.mkdtemp(prefix="vl-dec-")
@@ -234,8 +233,8 @@ def decode_vs_ffmpeg(device: str, frames: int = 240) -> dict:
         with av.open(path) as c:
             stream = c.streams.video[0]
             stream.thread_type, stream.codec_context.thread_count = "SLICE", 1
-            reformatter = VideoReformatter()  # as decode.iter_clips does, one per video
-            n = sum(1 for fr in c.decode(stream) if decode.frame_to_rgb(fr, cfg, reformatter) is not None)
+            resizer = decode.Resizer()  # as decode.iter_clips does, one per video
+            n = sum(1 for fr in c.decode(stream) if resizer(fr, cfg) is not None)
         best_pyav = min(best_pyav, time.perf_counter() - start)
         start = time.perf_counter()
         subprocess.run(["ffmpeg", "-v", "error", "-threads", "1", "-i", path, "-vf",

@@ -17,6 +17,7 @@ from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES,
                              RESIZE_MODES, Config, ConfigError, validate)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PLAN_OUTPUT = "(plan: nothing is written)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,11 +72,23 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="storage dtype")
     p.add_argument("--batch-size", type=int, default=1, help="clips per actor call")
+    p.add_argument("--decode-cpus", type=float, default=1.0,
+                   help="CPUs per decode task, and FFmpeg threads in it (default 1; more for 4K sources)")
+    p.add_argument("--clips-per-task", type=int, default=64, metavar="N",
+                   help="a video with more clips is cut into parts of N clips, decoded by separate tasks "
+                        "that seek to their part (constant frame rate videos; default 64, 0: never split)")
+    p.add_argument("--rows-per-file", type=int, default=None, metavar="N",
+                   help="clips per output file (default: about 256 MiB of latents per file, from the "
+                        "latent shape and dtype; Parquet row groups of about 32 MiB)")
     p.add_argument("--num-actors", type=_num_actors, default=None, metavar="MIN[,MAX]",
-                   help="size of the autoscaling actor pool (default: 1 up to the cluster's GPUs)")
+                   help="size of the autoscaling actor pool (default: 1 up to the GPUs the cluster has "
+                        "or can grow to, divided by --gpus-per-actor)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
     p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto: cuda when the cluster has GPUs, else cpu")
+                   help="auto: cuda when the cluster has GPUs or its autoscaler can add them, else cpu")
+    p.add_argument("--cluster-config", metavar="CLUSTER.yaml", default=None,
+                   help="the Ray autoscaler config, to size the encoder pool by what the cluster can grow "
+                        "to (default: the one `ray up` leaves on the head node, when present)")
     p.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--slicing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--extensions", type=_extensions, default=DEFAULT_EXTENSIONS,
@@ -118,6 +131,14 @@ def build_parser(job_file_defaults: dict | None = None) -> argparse.ArgumentPars
     _add_encode_options(encode_parser)
     if job_file_defaults:
         encode_parser.set_defaults(**job_file_defaults)
+    plan = sub.add_parser("plan", help="what an encode with these options would do, from the containers' "
+                                       "headers (no model load, no GPU, nothing written)")
+    _add_encode_options(plan)
+    plan.add_argument("--clips-per-s", type=float, default=None,
+                      help="measured clips/s per GPU at this clip size, for the GPU-hours estimate")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    if job_file_defaults:
+        plan.set_defaults(**job_file_defaults)
     demo = sub.add_parser("demo", help="generate sample videos and a tiny VAE, then encode them locally")
     demo.add_argument("--workdir", default="demo-output", help="where inputs and outputs go")
     prev = sub.add_parser("preview", help="decode a sample of latents back and compare with the source")
@@ -175,7 +196,11 @@ def job_file_defaults(argv: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    if getattr(args, "manifest", None) and args.output is None:  # `encode OUTPUT --manifest m.csv`
+    manifest = getattr(args, "manifest", None)
+    if args.command == "plan":  # nothing is written: no OUTPUT
+        args.input = None if manifest else args.input
+        args.output = PLAN_OUTPUT
+    elif manifest and args.output is None:  # `encode OUTPUT --manifest m.csv`
         args.input, args.output = None, args.input
     required = ("output", "model") if getattr(args, "manifest", None) else ("input", "output", "model")
     missing = [name for name in required if not getattr(args, name, None)]
@@ -235,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect_command(args.output, args.s3_endpoint, args.json)
         cfg = config_from_args(args)
+        if args.command == "plan":
+            from pipeline.commands.plan import plan_command
+
+            cfg, info = validate(cfg)
+            return plan_command(cfg, info, args.clips_per_s, args.json)
     except ConfigError as e:
         print(f"video-latents: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,9 +46,13 @@ class Config:
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     latent_dtype: str = "float16"
     batch_size: int = 1
+    rows_per_file: int | None = None  # None: about TARGET_FILE_BYTES of latents per file
+    decode_cpus: float = 1.0  # CPUs per decode task, and FFmpeg threads in it
+    clips_per_task: int = 64  # a longer video is split into parts decoded by separate tasks; 0: never
     num_actors: tuple[int, int] | None = None  # None: decided from the cluster's GPUs
     gpus_per_actor: float = 1.0
     device: str = "auto"
+    cluster_config: str | None = None  # the autoscaler's config, for the pool's maximum
     tiling: bool = False
     slicing: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -92,6 +97,26 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+# Output files of about this many bytes of latents: few enough files for fast listing, resume and
+# training readers, small enough that a killed run loses little; read in row groups of about
+# ROW_GROUP_BYTES, so a streaming reader holds one group, not a file.
+TARGET_FILE_BYTES = 256 << 20
+ROW_GROUP_BYTES = 32 << 20
+
+
+def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
+    """Bytes of tensors in one output row (the largest bucket's, with --buckets)."""
+    sizes = cfg.buckets or ((cfg.height, cfg.width),)
+    itemsize = 2 if cfg.latent_dtype == "float16" else 4
+    tensors = 2 if cfg.latent_mode == "dist" else 1
+    most = max(math.prod(info.latent_shape(cfg.num_frames, h, w)) for h, w in sizes)
+    return most * itemsize * tensors
+
+
+def rows_per_file(cfg: Config, info: ModelInfo) -> int:
+    return cfg.rows_per_file or max(1, TARGET_FILE_BYTES // latent_bytes_per_row(cfg, info))
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -109,6 +134,9 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.clip_stride is None or cfg.clip_stride >= 1, "--clip-stride must be at least 1")
     _check(cfg.max_clips is None or cfg.max_clips >= 1, "--max-clips must be at least 1")
     _check(cfg.batch_size >= 1, "--batch-size must be at least 1")
+    _check(cfg.rows_per_file is None or cfg.rows_per_file >= 1, "--rows-per-file must be at least 1")
+    _check(cfg.decode_cpus > 0, "--decode-cpus must be positive")
+    _check(cfg.clips_per_task >= 0, "--clips-per-task must be 0 (never split) or more")
     _check(cfg.gpus_per_actor > 0, "--gpus-per-actor must be positive (fractions like 0.5 are allowed)")
     _check(cfg.gpus_per_actor <= 1 or float(cfg.gpus_per_actor).is_integer(),
            "--gpus-per-actor above 1 must be a whole number")

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import failures, hooks, layout, sink, storage
+from pipeline import failures, hooks, sink, storage
 from pipeline.config import Config
 from pipeline.failures import InputError
 from pipeline.schema import INPUT, TRANSIENT
@@ -106,23 +106,54 @@ def quarter_turns(frame) -> int:
     return round((frame.rotation or 0) / 90) % 4
 
 
-def frame_to_rgb(frame, cfg: Config, reformatter=None) -> np.ndarray:
-    """One decoded frame as uint8 [H, W, 3] at the target size, upright.
+# When scaling a frame to cover the target would make it more than this many times the target's
+# area (a very wide or very tall source), the crop is cut in source coordinates first, so that
+# memory and work follow the target's size, not the source's aspect ratio.
+CROP_FIRST_AREA = 2.0
 
-    Pass one ``VideoReformatter`` per video: it keeps its swscale context between frames, where
-    ``frame.reformat`` builds a new one each time (3x slower, measured in bench/).
-    """
-    from av.video.reformatter import VideoReformatter
 
-    turns = quarter_turns(frame)
-    shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-    w, h, x, y = resize_plan(shown_w, shown_h, cfg)
-    coded_w, coded_h = (h, w) if turns % 2 else (w, h)
-    rgb = (reformatter or VideoReformatter()).reformat(
-        frame, width=coded_w, height=coded_h, format="rgb24", interpolation=INTERPOLATION).to_ndarray()
-    if turns:
-        rgb = np.rot90(rgb, turns)
-    return rgb[y:y + cfg.height, x:x + cfg.width]
+class Resizer:
+    """Turns decoded frames into uint8 [H, W, 3] at the target size, upright. One per video: it
+    keeps its swscale contexts between frames, where ``frame.reformat`` builds a new one each
+    time (3x slower, measured in bench/)."""
+
+    def __init__(self):
+        from av.video.reformatter import VideoReformatter
+
+        self.scale, self.rescale = VideoReformatter(), VideoReformatter()
+
+    def __call__(self, frame, cfg: Config) -> np.ndarray:
+        turns = quarter_turns(frame)
+        shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+        w, h, x, y = resize_plan(shown_w, shown_h, cfg)
+        if w * h > CROP_FIRST_AREA * cfg.width * cfg.height:
+            return self._crop_then_scale(frame, turns, shown_w, shown_h, cfg)
+        coded_w, coded_h = (h, w) if turns % 2 else (w, h)
+        rgb = self.scale.reformat(frame, width=coded_w, height=coded_h, format="rgb24",
+                                  interpolation=INTERPOLATION).to_ndarray()
+        if turns:
+            rgb = np.rot90(rgb, turns)
+        # A copy of the crop: a view would keep the whole scaled frame alive while the clip fills.
+        return np.ascontiguousarray(rgb[y:y + cfg.height, x:x + cfg.width])
+
+    def _crop_then_scale(self, frame, turns: int, shown_w: int, shown_h: int, cfg: Config) -> np.ndarray:
+        import av
+
+        scale = max(cfg.width / shown_w, cfg.height / shown_h)
+        crop_w, crop_h = min(shown_w, max(1, round(cfg.width / scale))), min(shown_h, max(1, round(cfg.height / scale)))
+        x, y = (shown_w - crop_w) // 2, (shown_h - crop_h) // 2
+        rgb = self.scale.reformat(frame, format="rgb24").to_ndarray()  # source size: under --max-pixels
+        if turns:
+            rgb = np.rot90(rgb, turns)
+        crop = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[y:y + crop_h, x:x + crop_w]), format="rgb24")
+        return self.rescale.reformat(crop, width=cfg.width, height=cfg.height, format="rgb24",
+                                     interpolation=INTERPOLATION).to_ndarray()
+
+
+def frame_to_rgb(frame, cfg: Config, resizer: Resizer | None = None) -> np.ndarray:
+    """One decoded frame as uint8 [H, W, 3] at the target size, upright (pass one Resizer per
+    video)."""
+    return (resizer or Resizer())(frame, cfg)
 
 
 def to_clip_layout(frames) -> np.ndarray:
@@ -201,6 +232,25 @@ def _check_complete(stream, decoded: int, last_time: float | None) -> None:
                             "declares (the file is truncated or damaged)")
 
 
+def _part_frames(container, stream, cfg: Config, first_frame: int, t0: float, fps: float) -> Iterator:
+    """The frames of a split video from index ``first_frame`` on, found by time (the stream's
+    rate is constant: frame i is at t0 + i / fps), checked against the limits."""
+    deadline = time.monotonic() + cfg.decode_timeout
+    target = t0 + first_frame / fps
+    container.seek(int((target - 0.5 / fps) / stream.time_base), stream=stream, backward=True, any_frame=False)
+    expected = first_frame
+    for frame in container.decode(stream):
+        _check_frame(frame, deadline, cfg)
+        index = round((frame.time - t0) * fps) if frame.time is not None else expected
+        if index < first_frame:
+            continue
+        if index != expected:
+            raise NotConstantRate(f"frame {expected} is missing where the video was split (its header "
+                                  "declared a constant frame rate)")
+        expected += 1
+        yield frame
+
+
 def resample(frames, fps: float) -> Iterator:
     """Frames at ``fps``: for each target time, the decoded frame nearest to it, the earlier on a
     tie (frames repeat when upsampling and are dropped when downsampling). Starts at the first
@@ -222,24 +272,48 @@ def resample(frames, fps: float) -> Iterator:
         target += step
 
 
+def decode_threads() -> int:
+    """FFmpeg's threads: the CPUs Ray gave this task (--decode-cpus), so that parallel decode
+    tasks do not each start a thread per core of the node; outside Ray, FFmpeg's own choice (0)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - not in a Ray task: let FFmpeg decide
+        pass
+    return 0
+
+
+class NotConstantRate(InputRejected):
+    """A part of a split video found frames off the constant rate its header declared."""
+
+
 def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset(),
-               span: tuple[float | None, float | None] = (None, None)) -> Iterator[tuple[str, dict | None]]:
+               span: tuple[float | None, float | None] = (None, None),
+               part: tuple[int, int, float] | None = None) -> Iterator[tuple[str, dict | None]]:
     """Yield ``(clip_id, row)`` per clip; row is None for a clip in ``skip`` (already written).
 
     A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous. With a
     time span (a manifest's start_sec/end_sec), the one clip starts at the span's first frame.
+    With a part ``(first clip, clips, first frame's time)`` of a split video, only those clips,
+    seeking to the first one's first frame: the same ids and pixels as decoding the video whole.
     Frame indices count the frames after ``--fps`` resampling, from the start of the video.
     """
-    from av.video.reformatter import VideoReformatter
-
     _check_container(container, cfg)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = decode_threads()
     rate = stream.average_rate or stream.guessed_rate
     fps = cfg.fps or (float(rate) if rate else 0.0)
     if span != (None, None):
         cfg = cfg.replace(max_clips=1)
-    frames = _decoded(container, stream, cfg, span)
+    first_clip, last_clip = 0, cfg.max_clips
+    if part is not None:
+        first_clip, last_clip = part[0], part[0] + part[1]
+        frames = _part_frames(container, stream, cfg, first_clip * cfg.stride, part[2], fps)
+    else:
+        frames = _decoded(container, stream, cfg, span)
     if cfg.fps:
         frames = resample(frames, cfg.fps)
     if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed
@@ -251,9 +325,12 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
             cfg = cfg.replace(height=height, width=width)
             frames = itertools.chain([first], frames)
     recent: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
-    reformatter = VideoReformatter()
-    clip_index, seen, offset = 0, 0, None
-    for i, frame in enumerate(frames):
+    resizer = Resizer()
+    first_frame = first_clip * cfg.stride
+    clip_index, seen, offset = first_clip, 0, None
+    if part is not None:  # as the whole video's first frame sets it
+        offset = round(part[2] * fps) if part[2] and fps else 0
+    for i, frame in enumerate(frames, start=first_frame):
         seen = i + 1
         if offset is None:  # the first frame's index in the video, at the output frame rate
             offset = round(frame.time * fps) if frame.time and fps else 0
@@ -263,7 +340,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         # A frame only in clips already written needs no pixels; None keeps the window's count.
         wanted = not skip or any(clip_id(source_uri, offset + k * cfg.stride, cfg) not in skip
                                  for k in owners)
-        recent.append(frame_to_rgb(frame, cfg, reformatter) if wanted else None)
+        recent.append(resizer(frame, cfg) if wanted else None)
         start = clip_index * cfg.stride
         if i == start + cfg.num_frames - 1:
             cid = clip_id(source_uri, offset + start, cfg)
@@ -280,8 +357,11 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
             }
             yield cid, row
             clip_index += 1
-            if cfg.max_clips is not None and clip_index >= cfg.max_clips:
+            if last_clip is not None and clip_index >= last_clip:
                 return
+    if part is not None:
+        raise Truncated(f"the stream ends after {clip_index} clips, where its header declared "
+                        f"{last_clip} (the file is truncated or damaged)")
     if clip_index == 0:
         where = "" if span == (None, None) else f" between {span[0] or 0:g} s and {span[1] or 'the end'} s"
         raise TooShort(f"the video has {seen} frames{where}"
@@ -295,15 +375,15 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
     An input that cannot be read or decoded, is over a limit, or is too short yields no more
     clips and gets one error row instead, its class decided by ``pipeline.failures``: the
     store's and the network's faults are first retried here, from where the input stopped.
-    When all its clips are cut, a marker records their ids so a rerun can skip the input.
+    When all its clips are cut, a marker records their ids so a rerun can skip the input. A row
+    can be one part of a long input (pipeline.spans): then all this holds for the part.
     Systemic failures escape and stop the run.
     """
     uri = row["source_uri"]  # for a manifest row with a time span: path#t=start,end
-    for name in filter(None, (row.get("stale_errors") or "").split(",")):
-        layout.delete_if_present(storage.join(cfg.output, layout.ERRORS_DIR, name), cfg.s3)
-    hooks.reach("decode")
+    hooks.reach("decode", f"{uri} part={row.get('part')}")
     skip = frozenset(filter(None, (row.get("skip_clips") or "").split(",")))
     cut: dict[str, None] = {}  # the ids of the clips cut so far, in order, across attempts
+    part, parts = row.get("part"), row.get("parts")
     for attempt in itertools.count():
         try:
             for cid, clip in _input_clips(row, cfg, skip.union(cut)):
@@ -327,7 +407,8 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
             hooks.reach("decode-error")
             _report(ledger, f"{error['stage']}/{error['error_type']}")
             return
-    sink.write_marker(cfg, uri, list(cut))
+    sink.write_marker(cfg, uri, list(cut), part, parts)
+    hooks.reach("marker")
     _report(ledger, None)
 
 
@@ -340,6 +421,7 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str,
     uri = row["source_uri"]
     path = row.get("path") or uri
     span = (row.get("start_sec"), row.get("end_sec"))
+    part = None if row.get("part") is None else (row["part_first_clip"], row["part_clips"], row["part_t0"])
     try:
         size = row.get("size")
         if size is None or size < 0:  # a manifest gives no size: ask the store
@@ -360,8 +442,8 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str,
             except Exception as e:  # noqa: BLE001 - re-raised with what it means
                 raise storage.read_failure(source) or _unreadable(e) from e
             with container:
-                for cid, clip in iter_clips(container, uri, cfg, skip, span):
-                    if clip is not None and "extra" in row:  # a manifest's own columns
+                for cid, clip in iter_clips(container, uri, cfg, skip, span, part):
+                    if clip is not None and row.get("extra") is not None:  # a manifest's own columns
                         clip["extra"] = row["extra"]
                     yield cid, clip
     except Exception as e:
@@ -392,7 +474,8 @@ def _error_row(row: dict, e: BaseException, error_class: str, cut: list[str]) ->
         message = f"stopped after {len(cut)} clip(s): {message}"
     error_type = type(e).__name__ if not isinstance(e, Unreadable) else type(e.__cause__ or e).__name__
     return sink.error_row(row["source_uri"], stage, error_type, message, error_class=error_class,
-                          retryable=failures.is_retryable(error_class), clip_ids=cut)
+                          retryable=failures.is_retryable(error_class), clip_ids=cut,
+                          part=row.get("part"), parts=row.get("parts"))
 
 
 def _report(ledger, failed_as: str | None) -> None:

@@ -4,15 +4,19 @@ crash there, so a fault test reaches its fault because the code got there, never
 Inactive unless ``VIDEO_LATENTS_TEST_HOOKS`` names a folder (it must be set before Ray starts so
 that workers inherit it). In that folder, a test arms a point by writing ``<point>.arm``:
 
-    {"action": "signal" | "block" | "crash", "from": 1, "until": null}
+    {"action": "signal" | "block" | "crash" | "barrier", "from": 1, "until": null,
+     "on": "<point>", "count": 2}
 
 Arrivals at the point are counted across processes (``from``/``until`` pick which ones act,
-both 1-based and inclusive). Each acting arrival writes ``<point> <n> <pid> <node id>`` as one line
+both 1-based and inclusive). Each acting arrival writes ``<point> <n> <pid> <node id> [detail]`` as one line
 to the FIFO ``signals`` in the folder when a test is listening on it; then ``block`` waits until
-the process is killed and ``crash`` ends the process at once, as a lost GPU or an OOM kill would.
+the process is killed, ``crash`` ends the process at once, as a lost GPU or an OOM kill would,
+and ``barrier`` waits until point ``on`` (this one by default) has had ``count`` arrivals.
 
-Points: ``decode`` (an input is about to be opened), ``decode-error`` (an input's error row is
-committed), ``encode`` (an encoder call begins), ``write`` (a latents file is about to be written).
+Points: ``decode`` (an input or part is about to be opened), ``decode-error`` (its error row
+is committed), ``marker`` (its marker is committed), ``encoder-start`` (an encoder actor is
+starting), ``encode`` (an encoder call begins), ``write`` (a latents file is about to be
+written), ``written`` (it is committed).
 """
 from __future__ import annotations
 
@@ -20,12 +24,20 @@ import errno
 import json
 import os
 import threading
+import time
 
 ENV = "VIDEO_LATENTS_TEST_HOOKS"
 SIGNALS = "signals"
+# Test-only, for Ray's fake autoscaler: actors hold simulated GPUs (a resource on a CPU process)
+# and compute on the CPU. Set in the environment the fake cluster is started with.
+SIMULATED_GPU_ENV = "VIDEO_LATENTS_TEST_SIMULATED_GPU"
 
 
-def reach(point: str) -> None:
+def compute_device(device: str) -> str:
+    return "cpu" if device == "cuda" and os.environ.get(SIMULATED_GPU_ENV) else device
+
+
+def reach(point: str, detail: str = "") -> None:
     folder = os.environ.get(ENV)
     if not folder:
         return
@@ -37,11 +49,14 @@ def reach(point: str) -> None:
     n = _arrival(folder, point)
     if n < spec.get("from", 1) or (spec.get("until") is not None and n > spec["until"]):
         return
-    _signal(folder, f"{point} {n} {os.getpid()} {_node_id()}")
+    _signal(folder, f"{point} {n} {os.getpid()} {_node_id()} {detail}".rstrip())
     if spec["action"] == "crash":
         os._exit(1)
     if spec["action"] == "block":
         threading.Event().wait()
+    if spec["action"] == "barrier":
+        while not os.path.exists(os.path.join(folder, f"{spec.get('on') or point}.{spec['count']}")):
+            time.sleep(0.05)  # waiting for another process's arrival, however long it takes
 
 
 def _arrival(folder: str, point: str) -> int:

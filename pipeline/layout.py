@@ -32,17 +32,18 @@ def file_name(prefix: str, keys) -> str:
     return f"{prefix}-{digest}.parquet"
 
 
-def error_key(source_uri: str, clip_id: str | None) -> str:
-    return f"{source_uri}\0{clip_id or ''}"
+def unit_key(source_uri: str, part: int | None = None) -> str:
+    """A unit of work: a whole input, or one part of a long one."""
+    return source_uri if part is None else f"{source_uri}\0part={part}"
 
 
-def error_file(source_uri: str, clip_id: str | None) -> str:
-    """One error file per input (or per clip): a retry overwrites it, a success deletes it."""
-    return file_name("err", [error_key(source_uri, clip_id)])
+def error_file(source_uri: str, clip_id: str | None, part: int | None = None) -> str:
+    """One error file per unit (or per clip): a retry overwrites it, a success deletes it."""
+    return file_name("err", [f"{unit_key(source_uri, part)}\0{clip_id or ''}"])
 
 
-def marker_file(source_uri: str) -> str:
-    return file_name("vid", [source_uri])
+def marker_file(source_uri: str, part: int | None = None) -> str:
+    return file_name("vid", [unit_key(source_uri, part)])
 
 
 def read_columns(output: str, folder: str, columns: list[str], s3=None):

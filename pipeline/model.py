@@ -209,21 +209,31 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
     )
 
 
-def local_model_dir(source: str, endpoint: str | None = None) -> str:
-    """A path or hub id ``from_pretrained`` can load: S3 models are copied once per node."""
-    if not storage.is_s3(source):
-        return os.path.expanduser(source)
-    import filelock  # a huggingface_hub dependency
-    import pyarrow.fs as pafs
+def local_model_dir(info: ModelInfo, s3=None) -> str:
+    """A path or hub id ``from_pretrained`` can load (with ``subfolder=info.subfolder``).
 
+    An S3 model is fetched once per node into a cache shared by the node's actors, and only the
+    VAE's folder (a diffusers repository's transformer and text encoder are many times its size).
+    The cache is keyed by the VAE files' sizes and ETags, so new weights under the same URI are
+    fetched again."""
+    if not storage.is_s3(info.source):
+        return os.path.expanduser(info.source)
+    import filelock  # a huggingface_hub dependency
+
+    key = hashlib.sha256(json.dumps([info.source, info.subfolder, info.files]).encode()).hexdigest()[:16]
     cache_root = os.environ.get("VIDEO_LATENTS_CACHE", os.path.expanduser("~/.cache/video-latents"))
-    target = os.path.join(cache_root, "models", hashlib.sha256(source.encode()).hexdigest()[:16])
+    target = os.path.join(cache_root, "models", key)
     done = os.path.join(target, ".complete")
     os.makedirs(cache_root, exist_ok=True)
     with filelock.FileLock(target + ".lock"):
         if not os.path.exists(done):
-            fs, path = storage.resolve(source, endpoint)
-            pafs.copy_files(path, target, source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            folder = storage.join(info.source, info.subfolder) if info.subfolder else info.source
+            local = os.path.join(target, info.subfolder) if info.subfolder else target
+            os.makedirs(local, exist_ok=True)
+            for name, _, _ in info.files:
+                fs, path = storage.resolve(storage.join(folder, name), s3)
+                with fs.open_input_stream(path) as src, open(os.path.join(local, name), "wb") as dst:
+                    while chunk := src.read(16 << 20):
+                        dst.write(chunk)
             open(done, "w").close()
     return target

@@ -6,28 +6,39 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import warnings
 
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import decode, failures, job, layout, report, resume, sink, sources  # noqa: E402
-from pipeline.config import Config  # noqa: E402
+from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans  # noqa: E402
+from pipeline.config import Config, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
-# Listing rows per decode block at most; more blocks than this only adds scheduling overhead.
-MAX_LIST_BLOCKS = 10_000
+# The resume filter is light; its own (small) CPU request also keeps Ray Data from fusing it
+# with the split step, which must get a task per input to probe headers in parallel.
+PENDING_FILTER_CPUS = 0.25
 
 
-def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict], ledger=None, job_record=None) -> "Timeline":
-    """The whole dataflow; returns its timeline (clips written, when)."""
+def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=None) -> "Timeline":
+    """The whole dataflow; returns its timeline (clips written, when).
+
+    list (pages, streamed) -> drop what OUTPUT holds -> split long inputs into parts -> decode and
+    cut clips (a task per input or part) -> VAE actor pool -> write Parquet files of N rows
+    """
     import ray
 
     from actors.encoder import VAEEncoder
 
-    clips = ray.data.from_items(videos, override_num_blocks=min(len(videos), MAX_LIST_BLOCKS)) \
-        .flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg, "ledger": ledger})
+    units = ray.data.read_datasource(sources.Listing(cfg).datasource()) \
+        .map_batches(resume.pending_batch, fn_kwargs={"done_ref": (ray.put(done),), "ledger": ledger},
+                     batch_size=None, batch_format="pyarrow", num_cpus=PENDING_FILTER_CPUS) \
+        .repartition(target_num_rows_per_block=1) \
+        .flat_map(spans.split, fn_kwargs={"cfg": cfg}) \
+        .repartition(target_num_rows_per_block=1)  # one task per input or part, in parallel
+    clips = units.flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg, "ledger": ledger}, num_cpus=cfg.decode_cpus)
     min_actors, max_actors = cfg.num_actors
     with warnings.catch_warnings():
         # Ray 2.60 (pinned) deprecates passing max_task_retries this way, with no named
@@ -40,10 +51,13 @@ def encode_videos(cfg: Config, info: ModelInfo, videos: list[dict], ledger=None,
             **VAEEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info, job_record)},
-        batch_size=None, batch_format="numpy")
-    timeline = Timeline(len(videos))
-    for row in written.iter_rows():
-        timeline.update(int(row["num_rows"]), row["sources"].split("\n"))
+        batch_size=rows_per_file(cfg, info), batch_format="numpy")
+    timeline = Timeline(ledger)
+    try:
+        for row in written.iter_rows():
+            timeline.update(int(row["num_rows"]))
+    finally:
+        timeline.close()
     return timeline
 
 
@@ -52,77 +66,59 @@ PROGRESS_EVERY_S = 30.0
 
 
 class Timeline:
-    """The run's clips over time, and a one-line summary every PROGRESS_EVERY_S: clips, clips/s, videos, elapsed, ETA.
+    """The run's progress: clips written (from the writer's results) and encoded (from the
+    ledger, batch by batch), and a one-line summary on stderr every PROGRESS_EVERY_S, written
+    by a thread so that it comes even while a large output file fills."""
 
-    The ETA extrapolates from the share of videos that have clips written; an estimate, since
-    videos differ in length."""
+    def __init__(self, ledger=None):
+        self.ledger = ledger
+        self.clips = 0
+        self.listed = self.already_done = 0
+        self.started = time.perf_counter()
+        self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds, clips encoded), for the report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._report_every, daemon=True)
+        if ledger is not None:
+            self._thread.start()
 
-    def __init__(self, total_videos: int):
-        self.total, self.clips, self.videos = total_videos, 0, set()
-        self.started = self.last = time.perf_counter()
-        self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds, clips written), for the report
-
-    def update(self, clips: int, sources: list[str]) -> None:
+    def update(self, clips: int) -> None:
         self.clips += clips
-        self.videos.update(sources)
-        now = time.perf_counter()
-        self.timeline.append((round(now - self.started, 3), self.clips))
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            print(self.line(now), file=sys.stderr, flush=True)
 
-    def line(self, now: float) -> str:
-        elapsed = now - self.started
-        done = len(self.videos)
-        eta = f"{_clock(elapsed * (self.total - done) / done)}" if done else "?"
-        return (f"video-latents: {self.clips} clips ({self.clips / elapsed:.2f}/s), videos with clips "
-                f"{done}/{self.total}, elapsed {_clock(elapsed)}, ETA ~{eta}")
+    def close(self) -> None:
+        """Stop the summaries; take the ledger's encoded-clips timeline for the report."""
+        self._stop.set()
+        if self.ledger is not None:
+            import ray
+
+            try:
+                self.timeline = [(0.0, 0)] + ray.get(self.ledger.timeline.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the report's plot is a courtesy; keep the run's own error
+                pass
+
+    def _report_every(self) -> None:
+        import ray
+
+        while not self._stop.wait(PROGRESS_EVERY_S):
+            try:
+                state = ray.get(self.ledger.state.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - a summary line is a courtesy; the run goes on
+                continue
+            print(self.line(state, time.perf_counter()), file=sys.stderr, flush=True)
+
+    def line(self, state: dict, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        encoded = state["clips_ok"]
+        todo = state["inputs_listed"] - state["inputs_already_done"]
+        finished = state["inputs_ok"] + state["inputs_failed"]
+        eta = _clock(elapsed * (todo - finished) / finished) if finished and todo > finished else "?"
+        return (f"video-latents: {encoded} clips encoded ({encoded / elapsed:.2f}/s), {self.clips} written; "
+                f"inputs (or parts) finished {finished} of {todo} listed so far; elapsed {_clock(elapsed)}, "
+                f"ETA ~{eta}")
 
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def connect_ray() -> None:
-    """Join the running cluster if there is one (``ray submit``, ``ray job submit``, ``ray start``),
-    else start a local Ray. Ships our packages to workers when they are not installed."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = None
-    try:
-        from importlib.metadata import distribution
-
-        distribution("video-latents")
-    except Exception:  # noqa: BLE001 - running from a source tree that was not pip-installed
-        import actors
-        import pipeline
-
-        runtime_env = {"py_modules": [pipeline, actors]}
-    ray.init(runtime_env=runtime_env, log_to_driver=True)
-
-
-def resolve_resources(cfg: Config) -> Config:
-    """Fill in what depends on the cluster: device, compute dtype and the actor pool's size."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
-    dtype = cfg.dtype or ("bfloat16" if device == "cuda" else "float32")
-    num_actors = cfg.num_actors
-    if num_actors is None:
-        most = max(1, int(gpus // cfg.gpus_per_actor)) if device == "cuda" else 1
-        num_actors = (1, most)
-    if device == "cpu" and num_actors[1] > max(1, int(cpus) - 1):
-        # Each CPU actor holds a CPU for good: leave one for decoding, or the run deadlocks.
-        most = max(1, int(cpus) - 1)
-        print(f"video-latents: {int(cpus)} CPUs: using at most {most} CPU encoder actor(s) so "
-              "that decoding keeps a CPU", file=sys.stderr)
-        num_actors = (min(num_actors[0], most), most)
-    return cfg.replace(device=device, dtype=dtype, num_actors=num_actors)
 
 
 def run(cfg: Config, info: ModelInfo) -> dict:
@@ -134,24 +130,26 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     failure, the error-rate guard, or inputs whose retries were spent (a rerun retries them).
     """
     started = time.perf_counter()
-    connect_ray()
-    cfg = resolve_resources(cfg)
+    cluster.connect_ray()
+    cfg, why = cluster.resolve(cfg, info.class_name)
     job.check(cfg, info)  # again, now that the compute dtype is known
+    print(cluster.plan_line(cfg, why, rows_per_file(cfg, info)), file=sys.stderr, flush=True)
     if cfg.overwrite:
         layout.clear(cfg.output, cfg.s3)
     record = job.write(cfg, info)
     cfg = cfg.replace(job_fingerprint=record["fingerprint"])
-    videos = sources.list_videos(cfg)
-    todo = resume.load(cfg).pending(videos)
+    done = resume.load(cfg)
+    counts = _nothing_to_do(cfg, done)
     timeline = None
-    if todo:
+    if counts is None:
         layout.delete(cfg.output, [layout.SUCCESS], cfg.s3)  # no reader may take OUTPUT for finished
-        timeline = _encode_or_fail(cfg, info, todo, record)
+        timeline = _encode_or_fail(cfg, info, done, record)
+        counts = timeline.listed, timeline.already_done
     wall = time.perf_counter() - started
     clips = timeline.clips if timeline else 0
     summary = {
-        "videos": len(videos),
-        "videos_already_done": len(videos) - len(todo),
+        "videos": counts[0],
+        "videos_already_done": counts[1],
         "clips_this_run": clips,
         "wall_time_s": round(wall, 3),
         "clips_per_s": round(clips / wall, 4) if wall > 0 else None,
@@ -169,7 +167,18 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     return summary
 
 
-def _encode_or_fail(cfg: Config, info: ModelInfo, todo: list[dict], record: dict) -> "Timeline":
+def _nothing_to_do(cfg: Config, done) -> tuple[int, int] | None:
+    """(inputs, all done) when every listed input is done (a rerun of a finished job: no encoder
+    is started, no GPU asked for); None as soon as one is not (the listing is not held)."""
+    listed = 0
+    for page in sources.iter_pages(cfg):
+        if any(done.pending_row(row) is not None for row in page):
+            return None
+        listed += len(page)
+    return listed, listed
+
+
+def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict) -> "Timeline":
     """The dataflow with the run's ledger; a failure comes back as RunFailed naming its cause."""
     import ray
 
@@ -178,8 +187,9 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, todo: list[dict], record: dict
 
     ledger = ledger_mod.start(cfg.max_error_rate)
     try:
-        timeline = encode_videos(cfg, info, todo, ledger, record)
+        timeline = encode_videos(cfg, info, done, ledger, record)
         state = ray.get(ledger.state.remote())
+        timeline.listed, timeline.already_done = state["inputs_listed"], state["inputs_already_done"]
     except Exception as e:
         state = _ledger_state(ledger)
         if state.get("stop"):

@@ -29,8 +29,13 @@ ENCODER_COLUMNS = {"tiled": pa.bool_()}
 # Error classes (see pipeline.failures): an input's own fault is final; the others are retried.
 INPUT, TRANSIENT, RESOURCE = "input", "transient", "resource"
 
+# A long input is cut into parts (time spans) that separate tasks decode; a part is the unit of
+# work, and of a marker or an error row: (part, parts) say which of how many, null for a whole input.
+PART_COLUMNS = [("part", pa.int32()), ("parts", pa.int32())]
+
 ERROR_SCHEMA = pa.schema([
     ("source_uri", pa.string()),
+    *PART_COLUMNS,
     ("stage", pa.string()),
     ("error_type", pa.string()),
     ("message", pa.string()),
@@ -41,7 +46,7 @@ ERROR_SCHEMA = pa.schema([
     # input's outcome only once all of them are committed, so a crash cannot hide them.
     ("clip_ids", pa.list_(pa.string())),
 ])
-MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), ("clip_ids", pa.list_(pa.string()))])
+MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), *PART_COLUMNS, ("clip_ids", pa.list_(pa.string()))])
 
 
 def tensor_columns(latent_mode: str) -> tuple[str, ...]:

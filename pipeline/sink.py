@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import hooks, layout, storage
-from pipeline.config import Config
+from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
 from pipeline.schema import (CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
                              METADATA_KEY, STAGES, tensor_columns)
@@ -52,12 +52,12 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
     }, sort_keys=True)
 
 
-def _write_table(cfg: Config, folder: str, name: str, table: pa.Table) -> str:
+def _write_table(cfg: Config, folder: str, name: str, table: pa.Table, row_group_rows: int | None = None) -> str:
     if METADATA_KEY not in (table.schema.metadata or {}):
         table = table.replace_schema_metadata(
             {METADATA_KEY: json.dumps({"job_fingerprint": cfg.job_fingerprint}).encode()})
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_rows)
     uri = storage.join(cfg.output, folder, name)
     storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), cfg.s3)
     return uri
@@ -131,26 +131,29 @@ def _by_latent_shape(batch: dict, cfg: Config) -> list[dict]:
 
 
 def write_latents(batch: dict, cfg: Config, metadata_json: str) -> dict:
-    """Ray Data map_batches step: write the batch as Parquet, one file per latent shape (one file
-    unless --buckets); return what was written."""
-    paths, counts, sources = [], [], []
+    """Ray Data map_batches step (batches of --rows-per-file): write the batch as Parquet, one
+    file per latent shape (one file unless --buckets), named from the ids inside, so a retried
+    write rewrites the same file; return what was written."""
+    paths, counts = [], []
     for part in _by_latent_shape(batch, cfg) if len(batch["clip_id"]) else []:
         meta = json.loads(metadata_json)
         if "latent_shape" in meta:  # per file: with --buckets, files differ
             meta["latent_shape"] = list(part[tensor_columns(cfg.latent_mode)[0]].shape[1:])
         table = latents_table(part, cfg, json.dumps(meta, sort_keys=True))
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         hooks.reach("write")
-        paths.append(_write_table(cfg, layout.LATENTS_DIR, layout.file_name("part", part["clip_id"]), table))
+        paths.append(_write_table(cfg, layout.LATENTS_DIR, layout.file_name("part", part["clip_id"]), table,
+                                  row_group_rows=max(1, ROW_GROUP_BYTES // row_bytes)))
+        hooks.reach("written")
         counts.append(len(part["clip_id"]))
-        sources.append("\n".join(sorted(set(np.asarray(part["source_uri"]).tolist()))))  # for progress
-    return {"path": np.array(paths, dtype=object), "num_rows": np.array(counts, dtype=np.int64),
-            "sources": np.array(sources, dtype=object)}
+    return {"path": np.array(paths, dtype=object), "num_rows": np.array(counts, dtype=np.int64)}
 
 
 def error_row(source_uri: str, stage: str, error_type: str, message: str, clip_id: str | None = None,
-              error_class: str = INPUT, retryable: bool = False, clip_ids: list[str] | None = None) -> dict:
+              error_class: str = INPUT, retryable: bool = False, clip_ids: list[str] | None = None,
+              part: int | None = None, parts: int | None = None) -> dict:
     assert stage in STAGES, stage
-    return {"source_uri": source_uri, "stage": stage, "error_type": error_type,
+    return {"source_uri": source_uri, "part": part, "parts": parts, "stage": stage, "error_type": error_type,
             "message": message.strip().splitlines()[0][:2000] if message.strip() else error_type,
             "clip_id": clip_id, "error_class": error_class, "retryable": retryable,
             "clip_ids": list(clip_ids or [])}
@@ -160,10 +163,14 @@ def write_error(cfg: Config, row: dict) -> str:
     """Write one error row to its own file, named from its input (and clip): a retry or a
     rerun overwrites it, so an input never has more than one outcome."""
     table = pa.Table.from_pylist([row], schema=ERROR_SCHEMA)
-    return _write_table(cfg, layout.ERRORS_DIR, layout.error_file(row["source_uri"], row["clip_id"]), table)
+    return _write_table(cfg, layout.ERRORS_DIR, layout.error_file(row["source_uri"], row["clip_id"], row["part"]),
+                        table)
 
 
-def write_marker(cfg: Config, source_uri: str, clip_ids: list[str]) -> str:
-    """Record that every clip of an input was cut: once all are written, a rerun skips it."""
-    table = pa.Table.from_pylist([{"source_uri": source_uri, "clip_ids": clip_ids}], schema=MARKER_SCHEMA)
-    return _write_table(cfg, layout.MARKERS_DIR, layout.marker_file(source_uri), table)
+def write_marker(cfg: Config, source_uri: str, clip_ids: list[str], part: int | None = None,
+                 parts: int | None = None) -> str:
+    """Record that every clip of an input (or of one part of it) was cut: once all are written,
+    a rerun skips it."""
+    table = pa.Table.from_pylist([{"source_uri": source_uri, "part": part, "parts": parts, "clip_ids": clip_ids}],
+                                 schema=MARKER_SCHEMA)
+    return _write_table(cfg, layout.MARKERS_DIR, layout.marker_file(source_uri, part), table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -70,26 +71,110 @@ def _manifest_rows(cfg: Config) -> list[dict]:
         if source in seen:
             continue
         seen.add(source)
-        row = {"source_uri": source, "path": path, "size": -1, "start_sec": begin, "end_sec": end}
-        if cfg.extra_columns:
-            row["extra"] = json.dumps(record, default=str)
+        row = {"source_uri": source, "path": path, "size": -1, "start_sec": begin, "end_sec": end,
+               "extra": json.dumps(record, default=str) if cfg.extra_columns else None}
         rows.append(row)
     return rows
 
 
-def list_videos(cfg: Config) -> list[dict]:
-    """One row per video, ``{"source_uri", "size", ...}``, in a reproducible order.
+# Rows per listing page: one Arrow block each, streamed to the next stage as it is listed.
+PAGE_ROWS = 1000
+LISTING_SCHEMA = pa.schema([("source_uri", pa.string()), ("path", pa.string()), ("size", pa.int64()),
+                            ("start_sec", pa.float64()), ("end_sec", pa.float64()), ("extra", pa.string())])
+
+
+def iter_pages(cfg: Config, page_rows: int = PAGE_ROWS) -> Iterator[list[dict]]:
+    """The inputs, a page at a time, in a reproducible order (keys in S3's order; folders walked
+    in sorted order): memory stays flat however many there are.
 
     A single file is taken as given, whatever its extension; folders are searched recursively.
     """
     if cfg.manifest:
-        return _manifest_rows(cfg)
+        rows = _manifest_rows(cfg)
+        for i in range(0, len(rows), page_rows):
+            yield rows[i:i + page_rows]
+        return
     fs, path = storage.resolve(cfg.input, cfg.s3)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                 if i.type == pafs.FileType.File and _has_extension(i.path, cfg.extensions)]
-    rows = [{"source_uri": storage.to_uri(fs, i.path), "size": int(i.size or 0)} for i in infos]
-    return sorted(rows, key=lambda r: r["source_uri"])
+        yield [_row(storage.to_uri(fs, info.path), int(info.size or 0))]
+        return
+    found = _s3_keys(cfg, path) if isinstance(fs, pafs.S3FileSystem) else _local_files(path)
+    page = []
+    for uri, size in found:
+        if _has_extension(uri, cfg.extensions):
+            page.append(_row(uri, size))
+            if len(page) == page_rows:
+                yield page
+                page = []
+    if page:
+        yield page
+
+
+def _row(uri: str, size: int) -> dict:
+    return {"source_uri": uri, "path": uri, "size": size, "start_sec": None, "end_sec": None, "extra": None}
+
+
+def _local_files(folder: str) -> Iterator[tuple[str, int]]:
+    """Files under a folder, recursively, in the order of their full paths (as S3 lists keys)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name + ("/" if e.is_dir() else ""))
+    except OSError:
+        return  # gone since it was listed
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            yield from _local_files(entry.path)
+        elif entry.is_file():
+            try:
+                yield entry.path, entry.stat().st_size
+            except OSError:
+                continue
+
+
+def _s3_keys(cfg: Config, path: str) -> Iterator[tuple[str, int]]:
+    """Keys under s3://path/, 1000 per request (boto3's paginator: pyarrow lists a whole prefix
+    into memory at once)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    bucket, _, prefix = path.partition("/")
+    client = boto3.client("s3", endpoint_url=cfg.s3_endpoint,
+                          config=BotoConfig(retries={"max_attempts": cfg.s3_max_attempts, "mode": "standard"}))
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                yield f"s3://{bucket}/{item['Key']}", int(item["Size"])
+
+
+def list_videos(cfg: Config) -> list[dict]:
+    """All the inputs at once (``plan``'s and the tests' convenience; the run streams pages)."""
+    return [row for page in iter_pages(cfg) for row in page]
+
+
+class Listing:
+    """A Ray Data datasource of the inputs: one read task that yields a block per page, so the
+    listing streams into the dataflow instead of being held by the driver."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def datasource(self):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        cfg = self.cfg
+
+        class _Listing(Datasource):
+            def estimate_inmemory_data_size(self):
+                return None
+
+            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+                def read():
+                    for page in iter_pages(cfg):
+                        yield pa.Table.from_pylist(page, schema=LISTING_SCHEMA)
+
+                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+                return [ReadTask(read, meta, schema=LISTING_SCHEMA)]
+
+        return _Listing()

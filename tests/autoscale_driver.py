@@ -1,9 +1,15 @@
 """Runs one job on Ray's fake multi-node autoscaler, with cluster.yaml's node types (a test
-helper, not a test): ``python -m tests.autoscale_driver INPUT OUTPUT MODEL NUM_FRAMES SIZE``.
+helper, not a test): ``python -m tests.autoscale_driver INPUT OUTPUT MODEL NUM_FRAMES SIZE CLIPS``
+(CLIPS: clips per input).
 
-The GPU worker type gets a simulated GPU (a resource on a CPU process) and no CPU; the encoder
-actors ask for one GPU each and compute on the CPU. Prints a JSON line: the run's summary and the node types
-the autoscaler launched. Stops every Ray on the machine when done (``ray stop --force``).
+Nothing of the pool is patched: its size comes from what the autoscaler config says the cluster
+can grow to, as on a real cluster (``--cluster-config``), and each actor asks for what it asks
+for there (one GPU, one CPU). The GPU worker type offers a simulated GPU (a resource on a CPU
+process), and the actors compute on the CPU (pipeline.hooks.SIMULATED_GPU_ENV). From its third call, the encoder waits at a barrier
+until a second actor has started, so the pool must grow to two actors on two GPU nodes for the
+run to finish: no timing decides it. Prints a JSON line: the run's summary, the node types the
+autoscaler launched, and the nodes the encoder actors ran on. Stops every Ray on the machine
+when done (``ray stop --force``).
 """
 import json
 import os
@@ -14,11 +20,12 @@ import tempfile
 import ray
 import yaml
 
-from actors.encoder import VAEEncoder
-from pipeline.config import Config, validate
-from pipeline.run import run
+from pipeline.cli import main as cli_main
+from pipeline.hooks import ENV, SIMULATED_GPU_ENV
+from tests.hookctl import Hooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_NODES = 2  # of cluster.yaml's GPU type, kept small for a 2-core machine
 
 
 def fake_cluster_config() -> dict:
@@ -28,10 +35,14 @@ def fake_cluster_config() -> dict:
     for name, spec in real["available_node_types"].items():
         if name == real["head_node_type"]:
             continue
-        # The GPU type offers only a (simulated) GPU, so only GPU demand can make it launch.
-        resources = {"GPU": 1} if "gpu" in name else {"CPU": 1}
+        gpus = (spec.get("resources") or {}).get("GPU", 0)
+        # Few CPUs per node (a 2-core machine runs them all; Ray Data's budgets need some room on a
+        # GPU node beside its actor, as cluster.yaml's 16 give); the GPU type keeps its (simulated)
+        # GPUs, and an encoder actor asks for one GPU and one CPU, as on the real cluster.
+        resources = {"CPU": 4, "GPU": gpus} if gpus else {"CPU": 1}
         types[name] = {"resources": {**resources, name: 1}, "node_config": {},
-                       "min_workers": spec.get("min_workers", 0), "max_workers": 1}
+                       "min_workers": spec.get("min_workers", 0),
+                       "max_workers": min(spec.get("max_workers", 1), GPU_NODES if gpus else 1)}
     return {"cluster_name": "fake-video-latents", "max_workers": 4, "upscaling_speed": 1.0,
             "idle_timeout_minutes": 5, "docker": {}, "auth": {"ssh_user": "ubuntu"},
             "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
@@ -43,26 +54,40 @@ def fake_cluster_config() -> dict:
             "file_mounts": {}, "file_mounts_sync_continuously": False}
 
 
-def main(input_, output, model, num_frames, size):
+def encoder_nodes() -> list[str]:
+    """The nodes the run's encoder actors ran on, live or ended (asked of the GCS)."""
+    from ray._private import state
+
+    return sorted({a["Address"]["NodeID"] for a in state.actors().values()
+                   if "VAEEncoder" in a.get("ActorClassName", "")})
+
+
+def main(input_, output, model, num_frames, size, clips_per_input):
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    path = os.path.join(tempfile.mkdtemp(), "fake-cluster.json")
+    path = os.path.join(tempfile.mkdtemp(), "fake-cluster.yaml")
     with open(path, "w") as f:
-        json.dump(fake_cluster_config(), f)
-    env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+        yaml.safe_dump(fake_cluster_config(), f)
+    hooks = Hooks()
+    # Once the first encoder task is done (one input's clips, one call each: Ray Data has seen the
+    # encoder's throughput), encoder calls wait until a second encoder actor has started: a
+    # backlog builds that Ray Data scales the pool for, and the run cannot end unless it grows.
+    hooks.arm("encoder-start", "signal")  # counted, so that the barrier can see the second actor
+    hooks.arm("encode", "barrier", first=int(clips_per_input) + 1, on="encoder-start", count=2)
+    env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+           SIMULATED_GPU_ENV: "1", ENV: hooks.folder}
+    os.environ.update({SIMULATED_GPU_ENV: "1", ENV: hooks.folder})
     subprocess.check_call([ray_cli, "stop", "--force"], stdout=subprocess.DEVNULL)
     subprocess.check_call([ray_cli, "start", "--head", "--num-cpus=0", f"--autoscaling-config={path}"],
                           env=env, stdout=subprocess.DEVNULL)
     try:
         ray.init("auto")
-        real_options = VAEEncoder.ray_options
-        # Simulated GPUs: reserve one per actor (what makes the autoscaler add GPU nodes), compute on CPU.
-        VAEEncoder.ray_options = staticmethod(lambda cfg: {**real_options(cfg), "num_gpus": 1, "num_cpus": 0})
-        cfg, info = validate(Config(input=input_, output=output, model=model, num_frames=int(num_frames),
-                                    height=int(size), width=int(size), device="cpu", num_actors=(1, 1)))
-        summary = run(cfg, info)
+        code = cli_main(["encode", input_, output, "--model", model, "--num-frames", num_frames,
+                         "--height", size, "--width", size, "--cluster-config", path])
         launched = sorted({key for node in ray.nodes() if node["Alive"] for key in node["Resources"]
                            if key in fake_cluster_config()["available_node_types"]})
-        print(json.dumps({**summary, "launched": launched}), flush=True)
+        gpu_nodes = {node["NodeID"] for node in ray.nodes() if node["Resources"].get("gpu_encode")}
+        print(json.dumps({"exit_code": code, "launched": launched,
+                          "encoder_gpu_nodes": [n for n in encoder_nodes() if n in gpu_nodes]}), flush=True)
     finally:
         ray.shutdown()
         subprocess.call([ray_cli, "stop", "--force"], stdout=subprocess.DEVNULL)

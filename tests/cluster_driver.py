@@ -26,7 +26,8 @@ MIB = 1 << 20
 def main(input_, output, model, num_frames, size, mode):
     if mode == "remove-node":
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # work on workers only
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        # Two CPUs a node: the one left after the removal must fit the restarted actor and decoding.
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     else:
         cluster = Cluster(initialize_head=True,
                           head_node_args={"num_cpus": 2, "object_store_memory": 80 * MIB})

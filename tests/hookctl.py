@@ -30,42 +30,43 @@ class Hooks:
     def env(self) -> dict:
         return {ENV: self.folder}
 
-    def arm(self, point: str, action: str, first: int = 1, last: int | None = None) -> None:
+    def arm(self, point: str, action: str, first: int = 1, last: int | None = None, count: int = 2,
+            on: str | None = None) -> None:
         """From arrival ``first`` to ``last`` (inclusive; None: all later), signal and then
-        ``action``: "signal" (go on), "block" (until killed) or "crash" (end the process)."""
+        ``action``: "signal" (go on), "block" (until killed), "crash" (end the process) or
+        "barrier" (wait until point ``on``, this one by default, has had ``count`` arrivals;
+        arrivals are counted only at an armed point, so arm ``on`` too, with "signal")."""
         tmp = os.path.join(self.folder, f".{point}.arm.tmp")
         with open(tmp, "w") as f:
-            json.dump({"action": action, "from": first, "until": last}, f)
+            json.dump({"action": action, "from": first, "until": last, "count": count, "on": on}, f)
         os.replace(tmp, os.path.join(self.folder, f"{point}.arm"))
 
     def arrivals(self, point: str) -> int:
         return len(glob.glob(os.path.join(self.folder, f"{point}.[0-9]*")))
 
-    def wait(self, *points: str, proc=None, log: str | None = None) -> dict[str, list[str]]:
-        """Block until each point has signalled once; returns {point: its signal's fields}."""
-        wanted, got = set(points), {}
-        for line in self.seen:
-            fields = line.split()
-            if fields[0] in wanted - set(got):
-                got[fields[0]] = fields
+    def wait(self, *points: str, proc=None, log: str | None = None, counts: dict | None = None) -> dict:
+        """Block until each point has signalled once (or ``counts[point]`` times); returns
+        {point: its first signal's fields}."""
+        wanted = {p: 1 for p in points} | (counts or {})
+
+        def missing():
+            got = [line.split()[0] for line in self.seen]
+            return {p: n - got.count(p) for p, n in wanted.items() if got.count(p) < n}
+
         deadline = time.monotonic() + NEVER_REACHED_S
-        while set(got) != wanted:
+        while missing():
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"the run ended (code {proc.returncode}) before reaching "
-                                     f"{sorted(wanted - set(got))}:\n{_tail(log)}")
+                                     f"{missing()}:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"{sorted(wanted - set(got))} never reached:\n{_tail(log)}")
+                raise AssertionError(f"{missing()} never reached:\n{_tail(log)}")
             ready, _, _ = select.select([self.fd], [], [], 0.5)
             if not ready:
                 continue
             self.pending += os.read(self.fd, 65536)
             *lines, self.pending = self.pending.split(b"\n")
-            for line in (raw.decode() for raw in lines):
-                self.seen.append(line)
-                fields = line.split()
-                if fields[0] in wanted and fields[0] not in got:
-                    got[fields[0]] = fields
-        return got
+            self.seen += [raw.decode() for raw in lines]
+        return {p: next(line.split() for line in self.seen if line.split()[0] == p) for p in wanted}
 
     def disarm(self) -> None:
         for path in glob.glob(os.path.join(self.folder, "*.arm")) + \

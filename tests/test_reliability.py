@@ -18,7 +18,8 @@ from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH, upload_folder
 from tests.faultproxy import FaultProxy
 from tests.hookctl import Hooks
 
-SHAPE = ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
+# Three clips per output file: a run writes several files, so a kill can land between two writes.
+SHAPE = ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--rows-per-file", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +88,11 @@ class Driver:
     """The CLI in its own process with its own local Ray (as `ray submit` runs it on a head node),
     with the pipeline's fault hooks in a folder of its own."""
 
-    def __init__(self, args: list[str], hooks: Hooks | None = None):
+    def __init__(self, args: list[str], hooks: Hooks | None = None, env: dict | None = None):
         self.tmpdir = tempfile.mkdtemp(prefix="vl", dir="/tmp")  # short: Ray's socket paths have a limit
         self.log = os.path.join(self.tmpdir, "driver.log")
-        env = {**os.environ, "RAY_TMPDIR": self.tmpdir, "RAY_ADDRESS": "", **(hooks.env if hooks else {})}
+        env = {**os.environ, "RAY_TMPDIR": self.tmpdir, "RAY_ADDRESS": "", **(hooks.env if hooks else {}),
+               **(env or {})}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env,
                                          stdout=log, stderr=log)

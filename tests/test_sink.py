@@ -80,3 +80,15 @@ def test_errors_markers_and_counts(tmp_path):
             assert meta == {"job_fingerprint": "f00d"}
     layout.clear(out)
     assert os.listdir(tmp_path) == []
+
+
+def test_big_files_are_written_in_row_groups_a_reader_can_stream(tmp_path):
+    """About ROW_GROUP_BYTES per row group: a training reader holds one group, not a file."""
+    from pipeline.config import ROW_GROUP_BYTES
+
+    cfg = Config(input="i", output=str(tmp_path), model="m")
+    per_row = ROW_GROUP_BYTES // 8  # 8 rows per group
+    b = batch(20, shape=(per_row // 2,), dtype=np.float16)
+    path = sink.write_latents(b, cfg, "{}")["path"][0]
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 20 and meta.num_row_groups == 3  # 8 + 8 + 4

@@ -1,0 +1,1 @@
+"""Commands other than ``encode``, one module each; the CLI dispatches to them."""

@@ -1,0 +1,133 @@
+"""``video-latents plan INPUT [encode options]``: what an ``encode`` with the same options would do,
+read from the containers' headers: no model weights loaded, no GPU, nothing written.
+
+Inputs, clips per video and per bucket, frames to decode, bytes of latents, the tasks long
+videos are split into, the inputs that will fail (too short, over a limit, unreadable), and an
+estimate of GPU-hours from a measured encode rate (``--clips-per-s``, or the GPU benchmark's
+result in bench/results/ when there is one).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections import Counter, defaultdict
+
+from pipeline import decode, failures, probe, sources
+from pipeline.config import Config, latent_bytes_per_row
+from pipeline.model import ModelInfo
+
+# Inputs probed per task: a header read is quick, and a task per input would cost more than it.
+PROBES_PER_TASK = 64
+EXAMPLES = 5  # inputs named per problem
+
+
+def plan_row(row: dict, cfg: Config) -> dict:
+    """Ray Data map step: one listed input's plan (or the error ``encode`` would record)."""
+    out = {"source_uri": row["source_uri"], "clips": 0, "frames": 0, "bucket": None, "parts": 1, "problem": None}
+    try:
+        p = probe.probe(row, cfg)
+    except Exception as e:  # noqa: BLE001 - recorded as encode would record it
+        return {**out, "problem": f"{getattr(e, 'stage', 'decode')}/{_error_type(e)}"}
+    frames = probe.frames_after_resampling(p, cfg)
+    span = (row.get("start_sec"), row.get("end_sec"))
+    if span != (None, None):  # a manifest's span: one clip, if it holds enough frames
+        end = span[1] if span[1] is not None else p.start_time + frames / max(p.fps, 1e-9)
+        frames = max(0, round((end - (span[0] or 0.0)) * (cfg.fps or p.fps)))
+        clips = 1 if frames >= cfg.num_frames else 0
+    else:
+        clips = probe.clip_count(frames, cfg)
+    if clips == 0:
+        return {**out, "frames": frames, "problem": "sample/TooShort"}
+    height, width = decode.choose_bucket(p.width, p.height, cfg.buckets) if cfg.buckets else (cfg.height, cfg.width)
+    if cfg.max_clips is not None and span == (None, None):
+        frames = min(frames, (clips - 1) * cfg.stride + cfg.num_frames)  # decoding stops after the last clip
+    splits = (cfg.clips_per_task and not cfg.fps and span == (None, None) and p.constant_rate
+              and clips > cfg.clips_per_task)
+    return {**out, "clips": clips, "frames": frames, "bucket": f"{height}x{width}",
+            "parts": math.ceil(clips / cfg.clips_per_task) if splits else 1}
+
+
+def _error_type(e: BaseException) -> str:
+    cause = e.__cause__ if isinstance(e, decode.Unreadable) and e.__cause__ else e
+    return type(cause).__name__
+
+
+def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict:
+    """Probe every input (on Ray: the local one, or the cluster's) and sum up."""
+    import ray
+
+    from pipeline import cluster
+
+    cluster.connect_ray()
+    rows = ray.data.read_datasource(sources.Listing(cfg).datasource()) \
+        .repartition(target_num_rows_per_block=PROBES_PER_TASK) \
+        .map(plan_row, fn_kwargs={"cfg": cfg})
+    clips_per_video, buckets, problems = Counter(), defaultdict(lambda: {"videos": 0, "clips": 0}), Counter()
+    examples = defaultdict(list)
+    total = {"inputs": 0, "inputs_ok": 0, "clips": 0, "frames_to_decode": 0, "decode_tasks": 0, "inputs_split": 0}
+    for r in rows.iter_rows():
+        total["inputs"] += 1
+        total["frames_to_decode"] += r["frames"] if r["clips"] else 0
+        total["decode_tasks"] += r["parts"]  # an input that will fail still takes its task
+        if r["problem"]:
+            problems[r["problem"]] += 1
+            if len(examples[r["problem"]]) < EXAMPLES:
+                examples[r["problem"]].append(r["source_uri"])
+            continue
+        total["inputs_ok"] += 1
+        total["clips"] += r["clips"]
+        total["inputs_split"] += r["parts"] > 1
+        clips_per_video[r["clips"]] += 1
+        buckets[r["bucket"]]["videos"] += 1
+        buckets[r["bucket"]]["clips"] += r["clips"]
+    latent_bytes = sum(b["clips"] * _bytes_per_clip(cfg, info, key) for key, b in buckets.items())
+    rate, rate_source = (clips_per_s, "--clips-per-s") if clips_per_s else _measured_rate(cfg, info)
+    return {**total, "clips_per_video": dict(sorted(clips_per_video.items())), "buckets": dict(buckets),
+            "latent_bytes": latent_bytes, "rows_per_file": None, "problems": dict(problems.most_common()),
+            "problem_examples": dict(examples),
+            "gpu_hours": round(total["clips"] / rate / 3600, 3) if rate else None,
+            "clips_per_s_per_gpu": rate, "rate_from": rate_source}
+
+
+def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str) -> int:
+    height, width = (int(v) for v in bucket.split("x"))
+    return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info)
+
+
+def _measured_rate(cfg: Config, info: ModelInfo) -> tuple[float | None, str]:
+    """Clips/s per GPU from the GPU benchmark's results, scaled by the clip's size against the
+    benchmark's (encode work grows with frames x height x width): a rough estimate."""
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "bench", "results")
+    for path in sorted(glob.glob(os.path.join(results, "gpu-*.json")), reverse=True):
+        with open(path) as f:
+            result = json.load(f)
+        measured = (result.get("isolated") or {}).get("isolated_clips_per_s")
+        shape = (result.get("isolated") or {}).get("clip_shape")
+        if measured and shape and result.get("device_name") not in (None, "cpu"):
+            scale = math.prod(shape) / (cfg.num_frames * cfg.height * cfg.width)
+            return measured * scale, f"{os.path.basename(path)} ({result['device_name']}), scaled to this clip size"
+    return None, "no GPU benchmark result in bench/results/: pass --clips-per-s for an estimate"
+
+
+def plan_command(cfg: Config, info: ModelInfo, clips_per_s: float | None, as_json: bool) -> int:
+    result = plan(cfg, info, clips_per_s)
+    if as_json:
+        print(json.dumps(result))
+        return 0
+    print(f"plan for {cfg.input or cfg.manifest}: {result['inputs']} inputs, {result['inputs_ok']} with clips")
+    print(f"  clips          {result['clips']} ({cfg.num_frames} frames each), "
+          f"{result['frames_to_decode']} frames to decode")
+    print(f"  decode tasks   {result['decode_tasks']} ({result['inputs_split']} long inputs split into parts "
+          f"of {cfg.clips_per_task} clips)")
+    for bucket, b in sorted(result["buckets"].items()):
+        print(f"  bucket {bucket:<9} {b['videos']} videos, {b['clips']} clips")
+    print(f"  clips per video {result['clips_per_video']}")
+    print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype})")
+    for problem, n in result["problems"].items():
+        print(f"  will fail      {n:>6}  {problem}  e.g. {', '.join(result['problem_examples'][problem][:2])}")
+    hours = f"{result['gpu_hours']} GPU-hours" if result["gpu_hours"] is not None else "GPU-hours unknown"
+    print(f"  estimate       {hours} ({result['rate_from']})")
+    return 0

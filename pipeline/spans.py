@@ -1,0 +1,45 @@
+"""Long inputs cut into parts: a video with more than --clips-per-task clips becomes one row per
+run of that many clips, each decoded by its own task that seeks to its part's first frame, so a
+long video is decoded in parallel and a lost task redoes only its part.
+
+A part keeps its input's URI, so its clips have the same ids (and the same latents) as when the
+video is decoded whole. Only videos whose header shows a constant frame rate are split, since
+a part finds its first frame by time; the others, and a manifest's time spans, stay whole.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+from pipeline import layout, probe, storage
+from pipeline.config import Config
+
+
+def split(row: dict, cfg: Config) -> Iterator[dict]:
+    """Ray Data flat_map step: an input row in, itself or its parts out (those not done).
+
+    First deletes the input's stale error files (retryable ones, or all with --retry-errors):
+    here, once per input, before any of its parts can write a new one."""
+    for name in filter(None, (row.get("stale_errors") or "").split(",")):
+        layout.delete_if_present(storage.join(cfg.output, layout.ERRORS_DIR, name), cfg.s3)
+    whole = {**row, "part": None, "parts": None, "part_first_clip": None, "part_clips": None, "part_t0": None}
+    if not cfg.clips_per_task or cfg.fps or row.get("start_sec") is not None or row.get("end_sec") is not None:
+        yield whole
+        return
+    try:
+        p = probe.probe(row, cfg)
+    except Exception:  # noqa: BLE001 - decoding the input whole meets the same problem and reports it
+        yield whole
+        return
+    clips = probe.clip_count(p.frames, cfg)
+    if not p.constant_rate or clips <= cfg.clips_per_task:
+        yield whole
+        return
+    parts = math.ceil(clips / cfg.clips_per_task)
+    done = set(filter(None, (row.get("done_parts") or "").split(",")))
+    for k in range(parts):
+        if f"{k}/{parts}" in done:
+            continue
+        first = k * cfg.clips_per_task
+        yield {**whole, "part": k, "parts": parts, "part_first_clip": first,
+               "part_clips": min(cfg.clips_per_task, clips - first), "part_t0": p.start_time}
