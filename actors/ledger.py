@@ -37,8 +37,7 @@ class RunLedger:
         self.cause: str | None = None
         self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
         self.inputs_listed, self.inputs_already_done = 0, 0
-        self.started = time.monotonic()
-        self.encoded: list[tuple[float, int]] = []  # (seconds since the start, clips encoded so far)
+        self.encoded: list[tuple[float, int]] = []  # (wall-clock time, clips encoded so far)
 
     def listed(self, inputs: int, already_done: int) -> None:
         """A page of the listing went by: so many inputs, so many of them done by earlier runs."""
@@ -66,7 +65,7 @@ class RunLedger:
 
     def clip_outcomes(self, ok: int, failed_as: list[str]) -> str | None:
         self.clips_ok += ok
-        self.encoded.append((round(time.monotonic() - self.started, 3), self.clips_ok))
+        self.encoded.append((time.time(), self.clips_ok))  # wall clock: the driver, on this node, compares
         self.clips_failed.update(failed_as)
         self.stop = self.stop or guard_verdict("clips", self.clips_ok, self.clips_failed, self.max_rate)
         return self.stop

@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from pipeline import storage
-from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES,
+from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES, MEMORY_FORMATS,
                              RESIZE_MODES, Config, ConfigError, validate)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -45,6 +45,15 @@ def _buckets(text: str) -> tuple[tuple[int, int], ...]:
     return sizes
 
 
+def _batch_size(text: str) -> int | None:
+    if str(text).lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _extensions(text: str) -> tuple[str, ...]:
     return tuple(e.strip().lstrip(".").lower() for e in text.split(",") if e.strip())
 
@@ -71,7 +80,12 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="storage dtype")
-    p.add_argument("--batch-size", type=int, default=1, help="clips per actor call")
+    p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="clips per VAE call (default auto: 2 on CPU, the best in the sweep; on CUDA the "
+                        "largest that fits in the GPU's memory with headroom, found once when an actor starts)")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                   help="the VAE's tensors: auto is channels_last_3d on CPU (faster there, measured), "
+                        "contiguous on CUDA")
     p.add_argument("--decode-cpus", type=float, default=1.0,
                    help="CPUs per decode task, and FFmpeg threads in it (default 1; more for 4K sources)")
     p.add_argument("--clips-per-task", type=int, default=64, metavar="N",
@@ -185,7 +199,7 @@ def job_file_defaults(argv: list[str]) -> dict:
             raise ConfigError(f"--config {known.config}: unknown option {key!r}")
         action = actions[dest]
         try:
-            if action.type in (_num_actors, _extensions, _buckets):  # "1,4" or [1, 4], as on the command line
+            if action.type in (_num_actors, _extensions, _buckets, _batch_size):  # "1,4" or [1, 4], as on the command line
                 value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
             elif action.type is not None and not isinstance(value, bool):
                 value = action.type(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.config import Config
+from pipeline.config import Config, data_batch_size
 
 # With --device cuda and neither a GPU in sight nor autoscaler limits to read, the pool may grow
 # to this many actors: an autoscaler adds GPU nodes for the actors Ray Data asks for; on a
@@ -111,7 +111,10 @@ def resolve(cfg: Config, class_name: str) -> tuple[Config, str]:
 
 def plan_line(cfg: Config, why: str, rows_per_file: int) -> str:
     each = f", {cfg.gpus_per_actor:g} GPU each" if cfg.device == "cuda" else ""
+    batch = (f"batch {cfg.batch_size}" if cfg.batch_size else
+             f"batch auto (the largest of up to {data_batch_size(cfg)} that fits)" if cfg.device == "cuda" else
+             f"batch auto ({data_batch_size(cfg)})")
     source = cfg.input if cfg.manifest is None else f"--manifest {cfg.manifest}"
     return (f"video-latents: plan: encoder pool {cfg.num_actors[0]}..{cfg.num_actors[1]} actor(s) on "
-            f"{cfg.device}{each} ({why}); compute {cfg.dtype}, storage {cfg.latent_dtype}; "
+            f"{cfg.device}{each} ({why}), {batch}; compute {cfg.dtype}, storage {cfg.latent_dtype}; "
             f"{rows_per_file} rows per file; inputs from {source}")

@@ -15,6 +15,7 @@ LATENT_MODES = ("mode", "sample", "dist")
 DTYPES = ("float32", "float16", "bfloat16")
 LATENT_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+MEMORY_FORMATS = ("auto", "channels_last_3d", "contiguous")
 
 
 def redact_url(url: str | None) -> str | None:
@@ -45,7 +46,8 @@ class Config:
     seed: int = 0
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     latent_dtype: str = "float16"
-    batch_size: int = 1
+    batch_size: int | None = None  # None (auto): CPU_BATCH on cpu; on cuda the largest that fits, found by the actor
+    memory_format: str = "auto"  # auto: channels_last_3d on cpu (measured faster), contiguous on cuda
     rows_per_file: int | None = None  # None: about TARGET_FILE_BYTES of latents per file
     decode_cpus: float = 1.0  # CPUs per decode task, and FFmpeg threads in it
     clips_per_task: int = 64  # a longer video is split into parts decoded by separate tasks; 0: never
@@ -97,6 +99,19 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+# --batch-size auto. On CPU: the best in the pipeline's sweep (BENCHMARKS.md). On CUDA, Ray Data
+# hands actors batches of up to GPU_MAX_BATCH clips, and each actor encodes them in chunks of the
+# largest size that fits in its GPU's memory with GPU_MEMORY_HEADROOM to spare, found at start.
+CPU_BATCH = 2
+GPU_MAX_BATCH = 8
+GPU_MEMORY_HEADROOM = 0.2
+
+
+def data_batch_size(cfg: Config) -> int:
+    """Clips per batch Ray Data hands an encoder actor."""
+    return cfg.batch_size or (GPU_MAX_BATCH if cfg.device == "cuda" else CPU_BATCH)
+
+
 # Output files of about this many bytes of latents: few enough files for fast listing, resume and
 # training readers, small enough that a killed run loses little; read in row groups of about
 # ROW_GROUP_BYTES, so a streaming reader holds one group, not a file.
@@ -133,7 +148,8 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.height >= 1 and cfg.width >= 1, "--height and --width must be positive")
     _check(cfg.clip_stride is None or cfg.clip_stride >= 1, "--clip-stride must be at least 1")
     _check(cfg.max_clips is None or cfg.max_clips >= 1, "--max-clips must be at least 1")
-    _check(cfg.batch_size >= 1, "--batch-size must be at least 1")
+    _check(cfg.batch_size is None or cfg.batch_size >= 1, "--batch-size must be at least 1 (or auto)")
+    _check(cfg.memory_format in MEMORY_FORMATS, f"--memory-format must be one of {'|'.join(MEMORY_FORMATS)}")
     _check(cfg.rows_per_file is None or cfg.rows_per_file >= 1, "--rows-per-file must be at least 1")
     _check(cfg.decode_cpus > 0, "--decode-cpus must be positive")
     _check(cfg.clips_per_task >= 0, "--clips-per-task must be 0 (never split) or more")

@@ -14,15 +14,17 @@ if __package__ in (None, ""):  # run as a script: make the absolute imports belo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans  # noqa: E402
-from pipeline.config import Config, rows_per_file  # noqa: E402
+from pipeline.config import Config, data_batch_size, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
-# The resume filter is light; its own (small) CPU request also keeps Ray Data from fusing it
-# with the split step, which must get a task per input to probe headers in parallel.
-PENDING_FILTER_CPUS = 0.25
+# CPUs asked for by the light steps (listing, the resume filter, probing headers, writing): mostly
+# waiting on storage. Asking a whole CPU each left no CPU budget for decoding on a small node
+# while the encoder actor started, and held the first clip back by seconds (BENCHMARKS.md).
+LIGHT_TASK_CPUS = 0.25
 
 
-def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=None) -> "Timeline":
+def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=None,
+                  run_started: float | None = None) -> "Timeline":
     """The whole dataflow; returns its timeline (clips written, when).
 
     list (pages, streamed) -> drop what OUTPUT holds -> split long inputs into parts -> decode and
@@ -32,11 +34,14 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
 
     from actors.encoder import VAEEncoder
 
-    units = ray.data.read_datasource(sources.Listing(cfg).datasource()) \
+    # A listing page stays one block (not split for parallelism): its filter and header probes
+    # run as one task per page, with the probes on threads.
+    units = ray.data.read_datasource(sources.Listing(cfg).datasource(), override_num_blocks=1,
+                                     ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}) \
         .map_batches(resume.pending_batch, fn_kwargs={"done_ref": (ray.put(done),), "ledger": ledger},
-                     batch_size=None, batch_format="pyarrow", num_cpus=PENDING_FILTER_CPUS) \
-        .repartition(target_num_rows_per_block=1) \
-        .flat_map(spans.split, fn_kwargs={"cfg": cfg}) \
+                     batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS) \
+        .map_batches(spans.split_page, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
+                     num_cpus=LIGHT_TASK_CPUS) \
         .repartition(target_num_rows_per_block=1)  # one task per input or part, in parallel
     clips = units.flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg, "ledger": ledger}, num_cpus=cfg.decode_cpus)
     min_actors, max_actors = cfg.num_actors
@@ -46,13 +51,13 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         latents = clips.map_batches(
             VAEEncoder, fn_constructor_kwargs={"cfg": cfg, "info": info, "ledger": ledger},
-            batch_size=cfg.batch_size, batch_format="numpy",
+            batch_size=data_batch_size(cfg), batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             **VAEEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info, job_record)},
-        batch_size=rows_per_file(cfg, info), batch_format="numpy")
-    timeline = Timeline(ledger)
+        batch_size=rows_per_file(cfg, info), batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+    timeline = Timeline(ledger, run_started)
     try:
         for row in written.iter_rows():
             timeline.update(int(row["num_rows"]))
@@ -70,11 +75,12 @@ class Timeline:
     ledger, batch by batch), and a one-line summary on stderr every PROGRESS_EVERY_S, written
     by a thread so that it comes even while a large output file fills."""
 
-    def __init__(self, ledger=None):
+    def __init__(self, ledger=None, run_started: float | None = None):
         self.ledger = ledger
         self.clips = 0
         self.listed = self.already_done = 0
         self.started = time.perf_counter()
+        self.run_started = run_started or time.time()  # wall clock, as the ledger's timeline
         self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds, clips encoded), for the report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report_every, daemon=True)
@@ -91,9 +97,19 @@ class Timeline:
             import ray
 
             try:
-                self.timeline = [(0.0, 0)] + ray.get(self.ledger.timeline.remote(), timeout=30)
+                encoded = ray.get(self.ledger.timeline.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - the report's plot is a courtesy; keep the run's own error
-                pass
+                return
+            self.timeline = [(0.0, 0)] + [(round(t - self.run_started, 3), n) for t, n in encoded]
+
+    def startup_and_steady(self) -> dict:
+        """Seconds from the run's start to the first encoded clip (imports excluded: they come
+        before), and clips/s from then to the last one: the steady state, start-up excluded."""
+        points = self.timeline[1:]
+        if not points:
+            return {"first_clip_s": None, "steady_clips_per_s": None}
+        (t0, n0), (t1, n1) = points[0], points[-1]
+        return {"first_clip_s": t0, "steady_clips_per_s": round((n1 - n0) / (t1 - t0), 4) if t1 > t0 else None}
 
     def _report_every(self) -> None:
         import ray
@@ -129,7 +145,7 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     and ``failures.RunFailed`` with a one-line cause when the run did not complete: a systemic
     failure, the error-rate guard, or inputs whose retries were spent (a rerun retries them).
     """
-    started = time.perf_counter()
+    started, run_started = time.perf_counter(), time.time()
     cluster.connect_ray()
     cfg, why = cluster.resolve(cfg, info.class_name)
     job.check(cfg, info)  # again, now that the compute dtype is known
@@ -143,7 +159,7 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     timeline = None
     if counts is None:
         layout.delete(cfg.output, [layout.SUCCESS], cfg.s3)  # no reader may take OUTPUT for finished
-        timeline = _encode_or_fail(cfg, info, done, record)
+        timeline = _encode_or_fail(cfg, info, done, record, run_started)
         counts = timeline.listed, timeline.already_done
     wall = time.perf_counter() - started
     clips = timeline.clips if timeline else 0
@@ -153,6 +169,7 @@ def run(cfg: Config, info: ModelInfo) -> dict:
         "clips_this_run": clips,
         "wall_time_s": round(wall, 3),
         "clips_per_s": round(clips / wall, 4) if wall > 0 else None,
+        **(timeline.startup_and_steady() if timeline else {"first_clip_s": None, "steady_clips_per_s": None}),
         **outcomes(cfg),
         "job_fingerprint": record["fingerprint"],
     }
@@ -178,7 +195,7 @@ def _nothing_to_do(cfg: Config, done) -> tuple[int, int] | None:
     return listed, listed
 
 
-def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict) -> "Timeline":
+def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_started: float) -> "Timeline":
     """The dataflow with the run's ledger; a failure comes back as RunFailed naming its cause."""
     import ray
 
@@ -187,7 +204,7 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict) -> "Timeli
 
     ledger = ledger_mod.start(cfg.max_error_rate)
     try:
-        timeline = encode_videos(cfg, info, done, ledger, record)
+        timeline = encode_videos(cfg, info, done, ledger, record, run_started)
         state = ray.get(ledger.state.remote())
         timeline.listed, timeline.already_done = state["inputs_listed"], state["inputs_already_done"]
     except Exception as e:

@@ -9,14 +9,39 @@ a part finds its first frame by time; the others, and a manifest's time spans, s
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
+
+import pyarrow as pa
 
 from pipeline import layout, probe, storage
 from pipeline.config import Config
 
 
+# Header reads in flight at once per page: probing is I/O (a few small GETs per input on S3).
+PROBE_THREADS = 16
+PART_FIELDS = [("part", pa.int32()), ("parts", pa.int32()), ("part_first_clip", pa.int64()),
+               ("part_clips", pa.int64()), ("part_t0", pa.float64())]
+
+
+def split_page(page: pa.Table, cfg: Config) -> pa.Table:
+    """Ray Data map_batches step on a page of pending inputs: each input, or its parts, in order.
+
+    A page, not a row per task: per-row tasks of their own were all scheduled before any decode
+    task on a small node (Ray Data runs the upstream operator's queue first), which held back
+    the first clip by seconds per 60 inputs; here the probes run on threads and a page goes
+    on as soon as its headers are read."""
+    rows = page.to_pylist()
+    with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, max(1, len(rows)))) as pool:
+        out = [unit for units in pool.map(lambda r: list(split(r, cfg)), rows) for unit in units]
+    schema = page.schema
+    for name, kind in PART_FIELDS:
+        schema = schema.append(pa.field(name, kind))
+    return pa.Table.from_pylist(out, schema=schema)
+
+
 def split(row: dict, cfg: Config) -> Iterator[dict]:
-    """Ray Data flat_map step: an input row in, itself or its parts out (those not done).
+    """An input row in, itself or its parts out (those not done).
 
     First deletes the input's stale error files (retryable ones, or all with --retry-errors):
     here, once per input, before any of its parts can write a new one."""

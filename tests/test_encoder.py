@@ -12,6 +12,7 @@ from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH, reference_latents
 
 
 def make_encoder(tiny_vae, tmp_path, **kw) -> VAEEncoder:
+    kw = {"batch_size": 8, **kw}  # one VAE call per test batch, unless a test asks otherwise
     cfg = Config(input=str(tmp_path), output=str(tmp_path / "out"), model=tiny_vae,
                  num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, device="cpu", dtype="float32",
                  latent_dtype="float32", num_actors=(1, 1), **kw)
@@ -102,6 +103,18 @@ def test_out_of_memory_splits_the_batch_down_to_single_clips(tiny_vae, tmp_path)
     for got, frames in zip(out["latents"], clips):
         np.testing.assert_allclose(got, reference_latents(tiny_vae, frames), rtol=1e-4, atol=1e-5)
     assert not os.path.exists(tmp_path / "out" / "errors")
+
+
+def test_batch_size_auto_on_cpu_encodes_in_chunks_of_the_swept_best(tiny_vae, tmp_path):
+    from pipeline.config import CPU_BATCH
+
+    enc = make_encoder(tiny_vae, tmp_path, batch_size=None)
+    calls = _vae_with_limited_memory(enc, lambda x, vae: True)
+    batch, clips = batch_of(3)
+    out = enc(batch)
+    assert [n for n, _ in calls] == [CPU_BATCH, 3 - CPU_BATCH]
+    for got, frames in zip(out["latents"], clips):
+        np.testing.assert_allclose(got, reference_latents(tiny_vae, frames), rtol=1e-4, atol=1e-5)
 
 
 def test_out_of_memory_alone_then_tiling_then_a_retryable_error_row(tiny_vae, tmp_path):
