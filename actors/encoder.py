@@ -13,10 +13,10 @@ import warnings
 
 import numpy as np
 
-from pipeline import failures, hooks, sink
+from pipeline import failures, hooks, sink, stats
 from pipeline.config import GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size
 from pipeline.model import ModelInfo, local_model_dir
-from pipeline.schema import RESOURCE, tensor_columns
+from pipeline.schema import IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class VAEEncoder:
         """What each actor reserves (Ray places, and the autoscaler provisions, by these) and how
         it recovers: a dead actor is restarted and its batch retried, a few times at most, so a
         batch that kills every actor ends the run instead of looping forever."""
-        return {"num_gpus": cfg.gpus_per_actor if cfg.device == "cuda" else 0, "num_cpus": 1,
+        gpus = cfg.gpus_per_actor * (1 - cfg.text_gpus if cfg.text_embeddings else 1)  # text: actors.text
+        return {"num_gpus": gpus if cfg.device == "cuda" else 0, "num_cpus": 1,
                 "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
 
     def __init__(self, cfg: Config, info: ModelInfo, ledger=None):
@@ -96,6 +97,7 @@ class VAEEncoder:
                 if isinstance(module, torch.nn.Conv3d):
                     module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         self.scale = info.scaling_factor
+        self.invert_image_scale = bool(info.config.get("invert_scale_latents"))
         self.shift = info.shift_factor
         self.mean, self.std = self._channel_stats(info)
         self.latent_shape = info.latent_shape(cfg.num_frames, cfg.height, cfg.width)
@@ -156,20 +158,35 @@ class VAEEncoder:
         return z / self.std if self.std is not None else z
 
     def encode(self, frames: np.ndarray, clip_ids) -> dict:
-        """uint8 [B,3,F,H,W] -> {column: array [B,T,C,h,w]} for the configured latent mode."""
-        torch = self.torch
-        with torch.inference_mode():
-            dist = self.vae.encode(self._to_device(frames)).latent_dist
-            if self.cfg.latent_mode == "dist":
-                out = {"latents_mean": dist.mean, "latents_logvar": dist.logvar}
-            elif self.cfg.latent_mode == "sample":
-                gens = [torch.Generator("cpu").manual_seed(clip_seed(self.cfg.seed, c)) for c in clip_ids]
-                out = {"latents": self._normalize(dist.sample(generator=gens))}
-            else:
-                out = {"latents": self._normalize(dist.mode())}
+        """uint8 [B,3,F,H,W] -> {column: array [B,T,C,h,w]} for the configured latent mode; with
+        --image-latents also each clip's first frame encoded alone (``image_*`` columns, T = 1)."""
+        with self.torch.inference_mode():
+            x = self._to_device(frames)
+            out = self._latents(x, clip_ids, self._normalize)
+            if self.cfg.image_latents:
+                first = x[:, :, :1].contiguous(memory_format=self.torch.channels_last_3d) if self.channels_last \
+                    else x[:, :, :1]
+                image = self._latents(first, [f"{c}#image" for c in clip_ids], self._normalize_image)
+                out.update({IMAGE_PREFIX + k: v for k, v in image.items()})
             # [B,C,T,h,w] -> [B,T,C,h,w], made contiguous so Arrow stores a plain tensor.
             return {k: v.permute(0, 2, 1, 3, 4).to(self.latent_dtype).contiguous().cpu().numpy()
                     for k, v in out.items()}
+
+    def _latents(self, x, seeds, normalize) -> dict:
+        dist = self.vae.encode(x).latent_dist
+        if self.cfg.latent_mode == "dist":
+            return {"latents_mean": dist.mean, "latents_logvar": dist.logvar}
+        if self.cfg.latent_mode == "sample":
+            gens = [self.torch.Generator("cpu").manual_seed(clip_seed(self.cfg.seed, c)) for c in seeds]
+            return {"latents": normalize(dist.sample(generator=gens))}
+        return {"latents": normalize(dist.mode())}
+
+    def _normalize_image(self, z):
+        """As the family's image-to-video pipeline prepares its image latents: CogVideoX 1.5's
+        (``invert_scale_latents``) divides by the scaling factor; the others normalise as video."""
+        if self.invert_image_scale:
+            return z.float() / self.scale
+        return self._normalize(z)
 
     def _encode_fitting(self, clips: np.ndarray, idx: list[int], clip_ids, uris, errors,
                         tiled: bool = False) -> dict:
@@ -242,21 +259,27 @@ class VAEEncoder:
                 errors.append(sink.error_row(uris[i], "encode", "NonFinite", str(e), clip_ids[i]))
         for row in errors:
             sink.write_error(self.cfg, row)
-        self._report(len(encoded), [f"encode/{row['error_type']}" for row in errors])
         kept = sorted(encoded)
+        moments = None
+        if kept and self.cfg.latent_mode != "dist":  # the stored values, after the storage cast
+            moments = stats.moments(np.stack([encoded[i][0]["latents"] for i in kept]))
+        self._report(len(encoded), [f"encode/{row['error_type']}" for row in errors], moments)
         out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
         out["tiled"] = np.array([encoded[i][1] for i in kept], dtype=bool)
         for name in tensor_columns(self.cfg.latent_mode):
             out[name] = _stack([encoded[i][0][name] for i in kept],
                                empty=np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype))
+        for name in image_columns(self.cfg.latent_mode) if self.cfg.image_latents else ():
+            out[name] = _stack([encoded[i][0][name] for i in kept],
+                               empty=np.zeros((0, 1, *self.latent_shape[1:]), dtype=self.cfg.latent_dtype))
         return out
 
-    def _report(self, ok: int, failed_as: list[str]) -> None:
+    def _report(self, ok: int, failed_as: list[str], moments: dict | None = None) -> None:
         if self.ledger is None:
             return
         import ray
 
-        stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as))
+        stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as, moments))
         if stop:
             raise failures.GuardTripped(stop)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from pipeline import stats
+
 # The guard judges only once this many inputs (or clips) have an outcome: a few early
 # failures in a sorted listing say little about the whole dataset.
 MIN_OUTCOMES_FOR_GUARD = 20
@@ -38,6 +40,7 @@ class RunLedger:
         self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
         self.inputs_listed, self.inputs_already_done = 0, 0
         self.encoded: list[tuple[float, int]] = []  # (wall-clock time, clips encoded so far)
+        self.moments: dict | None = None  # of the stored latents, per channel (pipeline.stats)
 
     def listed(self, inputs: int, already_done: int) -> None:
         """A page of the listing went by: so many inputs, so many of them done by earlier runs."""
@@ -63,7 +66,11 @@ class RunLedger:
         self.stop = self.stop or guard_verdict("inputs", self.inputs_ok, self.inputs_failed, self.max_rate)
         return self.stop
 
-    def clip_outcomes(self, ok: int, failed_as: list[str]) -> str | None:
+    def clip_outcomes(self, ok: int, failed_as: list[str], moments: dict | None = None) -> str | None:
+        """Clips encoded and failed in one batch, with the moments of the latents stored
+        (pipeline.stats); returns the reason to stop the run when the guard trips."""
+        if moments:
+            self.moments = stats.merge(self.moments, moments)
         self.clips_ok += ok
         self.encoded.append((time.time(), self.clips_ok))  # wall clock: the driver, on this node, compares
         self.clips_failed.update(failed_as)
@@ -80,7 +87,8 @@ class RunLedger:
         return {"stop": self.stop, "cause": self.cause, "inputs_listed": self.inputs_listed,
                 "inputs_already_done": self.inputs_already_done, "inputs_ok": self.inputs_ok,
                 "inputs_failed": sum(self.inputs_failed.values()), "clips_ok": self.clips_ok,
-                "clips_failed": sum(self.clips_failed.values())}
+                "clips_failed": sum(self.clips_failed.values()), "latent_moments": self.moments,
+                "clips_nonfinite": self.clips_failed.get("encode/NonFinite", 0)}
 
 
 def end(ledger) -> None:

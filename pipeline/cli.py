@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from pipeline import storage
+from pipeline.commands import export
 from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES, MEMORY_FORMATS,
                              RESIZE_MODES, Config, ConfigError, validate)
 
@@ -105,6 +106,23 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "to (default: the one `ray up` leaves on the head node, when present)")
     p.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--slicing", action=argparse.BooleanOptionalAction, default=False)
+    text = p.add_argument_group("for trainers: prompt embeddings and image-to-video latents")
+    text.add_argument("--text-embeddings", action="store_true",
+                      help="add prompt_embeds [L, D] per clip (and prompt_attention_mask where the family's "
+                           "pipeline uses one), computed as the family's diffusers pipeline computes them")
+    text.add_argument("--text-encoder", metavar="PATH", default=None,
+                      help="folder (local or s3://) holding text_encoder/ and tokenizer/ (default: --model)")
+    text.add_argument("--caption-column", default="caption",
+                      help="the manifest's caption column (default caption); without a manifest, the .txt "
+                           "file beside each video")
+    text.add_argument("--text-max-length", type=int, default=None, metavar="L",
+                      help="tokens (default: the pipeline's: CogVideoX 226, Mochi 256, LTX-Video 128, Wan 512)")
+    text.add_argument("--text-gpus", type=float, default=0.25, metavar="FRACTION",
+                      help="on cuda, the share of each encoder slot's GPU that its text encoder actor takes "
+                           "(default 0.25; the VAE actor gets the rest)")
+    text.add_argument("--image-latents", action="store_true",
+                      help="add image_latents [1, C, h, w]: each clip's first frame encoded alone and "
+                           "normalised as the family's image-to-video pipeline does")
     p.add_argument("--extensions", type=_extensions, default=DEFAULT_EXTENSIONS,
                    help=f"comma-separated, any case (default {','.join(DEFAULT_EXTENSIONS)})")
     p.add_argument("--s3-endpoint", default=None,
@@ -166,6 +184,7 @@ def build_parser(job_file_defaults: dict | None = None) -> argparse.ArgumentPars
     info.add_argument("output", metavar="OUTPUT")
     info.add_argument("--s3-endpoint", default=None)
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    export.add_parser(sub)
     return parser
 
 
@@ -273,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.report import inspect_command
 
             return inspect_command(args.output, args.s3_endpoint, args.json)
+        if args.command == "export":  # exit codes as pipeline.commands.export documents them
+            return export.export_command(args.output, args.dest, args.format, args.s3_endpoint)
         cfg = config_from_args(args)
         if args.command == "plan":
             from pipeline.commands.plan import plan_command

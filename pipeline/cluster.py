@@ -115,6 +115,10 @@ def plan_line(cfg: Config, why: str, rows_per_file: int) -> str:
              f"batch auto (the largest of up to {data_batch_size(cfg)} that fits)" if cfg.device == "cuda" else
              f"batch auto ({data_batch_size(cfg)})")
     source = cfg.input if cfg.manifest is None else f"--manifest {cfg.manifest}"
+    if cfg.text_embeddings:  # a text encoder actor beside each VAE actor, sharing its GPU slot
+        each = (f", {cfg.gpus_per_actor * (1 - cfg.text_gpus):g} GPU each; text encoder pool 1..{cfg.num_actors[1]}, "
+                f"{cfg.gpus_per_actor * cfg.text_gpus:g} GPU each" if cfg.device == "cuda" else
+                f"; text encoder pool 1..{cfg.num_actors[1]}")
     return (f"video-latents: plan: encoder pool {cfg.num_actors[0]}..{cfg.num_actors[1]} actor(s) on "
             f"{cfg.device}{each} ({why}), {batch}; compute {cfg.dtype}, storage {cfg.latent_dtype}; "
             f"{rows_per_file} rows per file; inputs from {source}")

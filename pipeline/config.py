@@ -57,6 +57,13 @@ class Config:
     cluster_config: str | None = None  # the autoscaler's config, for the pool's maximum
     tiling: bool = False
     slicing: bool = False
+    # Prompt embeddings, computed by a text encoder actor pool after the VAE (pipeline.text).
+    text_embeddings: bool = False
+    text_encoder: str | None = None  # folder with text_encoder/ and tokenizer/ (default: --model)
+    caption_column: str = "caption"  # in a manifest; else the .txt beside each video
+    text_max_length: int | None = None  # None: the family pipeline's default
+    text_gpus: float = 0.25  # of each encoder slot's --gpus-per-actor, given to its text encoder actor
+    image_latents: bool = False  # the first frame of each clip encoded alone, as image-to-video conditioning
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     s3_endpoint: str | None = None
     s3_max_attempts: int = storage.S3_MAX_ATTEMPTS  # per S3 request, with backoff
@@ -125,7 +132,11 @@ def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
     itemsize = 2 if cfg.latent_dtype == "float16" else 4
     tensors = 2 if cfg.latent_mode == "dist" else 1
     most = max(math.prod(info.latent_shape(cfg.num_frames, h, w)) for h, w in sizes)
-    return most * itemsize * tensors
+    if cfg.image_latents:  # one more latent frame per tensor
+        most += max(math.prod(info.latent_shape(1, h, w)) for h, w in sizes)
+    text = info.text.max_sequence_length * (info.text.hidden_size * itemsize + 1) \
+        if cfg.text_embeddings and info.text else 0
+    return most * itemsize * tensors + text
 
 
 def rows_per_file(cfg: Config, info: ModelInfo) -> int:
@@ -150,6 +161,9 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.max_clips is None or cfg.max_clips >= 1, "--max-clips must be at least 1")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "--batch-size must be at least 1 (or auto)")
     _check(cfg.memory_format in MEMORY_FORMATS, f"--memory-format must be one of {'|'.join(MEMORY_FORMATS)}")
+    _check(0 < cfg.text_gpus < 1, "--text-gpus must be a fraction between 0 and 1 of each encoder slot")
+    _check(cfg.text_max_length is None or cfg.text_max_length >= 1, "--text-max-length must be at least 1")
+    _check(cfg.text_encoder is None or cfg.text_embeddings, "--text-encoder needs --text-embeddings")
     _check(cfg.rows_per_file is None or cfg.rows_per_file >= 1, "--rows-per-file must be at least 1")
     _check(cfg.decode_cpus > 0, "--decode-cpus must be positive")
     _check(cfg.clips_per_task >= 0, "--clips-per-task must be 0 (never split) or more")
@@ -220,6 +234,13 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
     _check(cfg.allow_pickle or info.weights_format != "pickle",
            f"--model: {cfg.model} has only pickle weights (.bin/.pt), which can run code when "
            "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source")
+    if cfg.text_embeddings:
+        from pipeline.text import TextError, inspect_text
+
+        try:
+            info = dataclasses.replace(info, text=inspect_text(cfg, info.class_name))
+        except (TextError, OSError) as e:
+            raise ConfigError(_first_line(e)) from None
     _check_output(cfg)
     return cfg.replace(subfolder=info.subfolder), info
 

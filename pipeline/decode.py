@@ -16,10 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import failures, hooks, sink, storage
+from pipeline import failures, hooks, sink, storage, text
 from pipeline.config import Config
 from pipeline.failures import InputError
-from pipeline.schema import INPUT, TRANSIENT
+from pipeline.schema import CAPTION, INPUT, TRANSIENT
 
 # swscale's bicubic widens its kernel when shrinking, so downscaling does not alias.
 INTERPOLATION = "BICUBIC"
@@ -430,6 +430,7 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str,
             raise EmptyFile("the file is empty (0 bytes)")
         if size > cfg.max_bytes:
             raise FileTooLarge(f"{size} bytes exceed --max-bytes {cfg.max_bytes}")
+        caption = text.caption_for(row, cfg) if cfg.text_embeddings else None
         source = storage.open_for_decode(path, cfg.s3)
     except Exception as e:
         if not hasattr(e, "stage"):
@@ -445,6 +446,8 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str,
                 for cid, clip in iter_clips(container, uri, cfg, skip, span, part):
                     if clip is not None and row.get("extra") is not None:  # a manifest's own columns
                         clip["extra"] = row["extra"]
+                    if clip is not None and caption is not None:
+                        clip[CAPTION] = caption
                     yield cid, clip
     except Exception as e:
         failure = storage.read_failure(source)

@@ -15,6 +15,7 @@ import os
 from pipeline import layout, storage
 from pipeline.config import Config, ConfigError
 from pipeline.model import ModelInfo
+from pipeline.text import text_dtype
 
 VERSION = 1
 
@@ -52,6 +53,11 @@ def identity(cfg: Config, info: ModelInfo) -> dict:
         "--clip-stride": cfg.stride,
         "--max-clips": cfg.max_clips,
         "--tiling": cfg.tiling,  # tiles are blended at their seams: other values
+        # Off: None, so that jobs recorded before these options existed keep their identity.
+        "--text-embeddings": _digest(info.text.identity()) if cfg.text_embeddings and info.text else None,
+        "--caption-column": cfg.caption_column if cfg.text_embeddings and cfg.manifest else None,
+        "text dtype": text_dtype(cfg) if cfg.text_embeddings else None,
+        "--image-latents": True if cfg.image_latents else None,
         "INPUT": _where(cfg.input),
         "--manifest": _where(cfg.manifest),
         "manifest columns": [list(c) for c in cfg.extra_columns] or None,
@@ -76,8 +82,8 @@ def _differences(recorded: dict, current: dict) -> list[str]:
     lines = []
     for key in [*current, *(k for k in recorded if k not in current)]:
         old, new = recorded.get(key), current.get(key)
-        if key == "--dtype" and new is None:
-            continue  # --dtype not given: compared once the device is known
+        if key in ("--dtype", "text dtype") and new is None:
+            continue  # not given: compared once the device is known
         if old != new:
             lines.append(f"{key}: {_show(old)} -> {_show(new)}")
     return lines

@@ -39,6 +39,12 @@ class ModelInfo:
     # Per file of the VAE's folder: (name, bytes, content key): the ETag on S3, a blake2b of the
     # bytes on a local disk; empty for a hub id. Part of the job's identity and the cache key.
     files: tuple = ()
+    text: object = None  # pipeline.text.TextInfo with --text-embeddings
+
+    @property
+    def has_statistics(self) -> bool:
+        """Per-channel latents_mean/std normalise this family's latents (Mochi, LTX-Video, Wan)."""
+        return self.latents_mean is not None or self.stats_in_weights
 
     def check_num_frames(self, num_frames: int) -> str | None:
         """An error message when ``num_frames`` is not k * temporal_ratio + 1, else None."""
@@ -116,13 +122,13 @@ FAMILIES = {
 }
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def looks_like_hub_id(source: str) -> bool:
     return (not storage.is_s3(source) and not os.path.exists(os.path.expanduser(source))
             and source.count("/") == 1 and not source.startswith((".", "/", "~")))
 
 
 def _read_config_file(source: str, subfolder: str | None, endpoint: str | None) -> dict | None:
-    if _looks_like_hub_id(source):
+    if looks_like_hub_id(source):
         from huggingface_hub import hf_hub_download  # a diffusers dependency
 
         try:
@@ -151,18 +157,20 @@ def _weights_format(files: tuple) -> str:
     return "pickle" if any(n.endswith(PICKLE_WEIGHTS) for n in names) else "unknown"
 
 
-def _vae_files(source: str, subfolder: str | None, s3) -> tuple:
-    """(name, bytes, content key) for each file in the VAE's folder, sorted by name."""
-    if _looks_like_hub_id(source):
+def folder_files(source: str, subfolder: str | None, s3, head_bytes: int | None = None) -> tuple:
+    """(name, bytes, content key) for each file in a model's folder, sorted by name; empty for a
+    hub id. ``head_bytes`` hashes only each file's first bytes (with its size): for text
+    encoders of tens of GB, where a safetensors file's header names every tensor and offset."""
+    if looks_like_hub_id(source):
         return ()
     import pyarrow.fs as pafs
 
     fs, path = storage.resolve(storage.join(source, subfolder) if subfolder else source, s3)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File]
-    return tuple(sorted((i.base_name, int(i.size), _content_key(fs, i.path)) for i in infos))
+    return tuple(sorted((i.base_name, int(i.size), _content_key(fs, i.path, head_bytes)) for i in infos))
 
 
-def _content_key(fs, path: str) -> str:
+def _content_key(fs, path: str, head_bytes: int | None = None) -> str:
     """The store's ETag on S3 (one HEAD, no download); a hash of the bytes on a local disk
     (a VAE is well under a GB: about a second)."""
     import pyarrow.fs as pafs
@@ -172,9 +180,12 @@ def _content_key(fs, path: str) -> str:
             return "etag:" + f.metadata().get("ETag", b"").decode().strip('"')
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return "blake2b:" + digest.hexdigest()
+        if head_bytes:
+            digest.update(f.read(head_bytes))
+        else:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                digest.update(chunk)
+    return ("blake2b-head:" if head_bytes else "blake2b:") + digest.hexdigest()
 
 
 def inspect_model(source: str, subfolder: str | None = None, endpoint: str | None = None) -> ModelInfo:
@@ -194,7 +205,7 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
         raise ModelError(f"--model: {class_name or 'unknown class'} is not a supported video VAE "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
     stats = {k: tuple(config[k]) for k in ("latents_mean", "latents_std") if config.get(k) is not None}
-    files = _vae_files(source, chosen, endpoint)
+    files = folder_files(source, chosen, endpoint)
     return ModelInfo(
         source=source,
         subfolder=chosen,
@@ -216,21 +227,27 @@ def local_model_dir(info: ModelInfo, s3=None) -> str:
     VAE's folder (a diffusers repository's transformer and text encoder are many times its size).
     The cache is keyed by the VAE files' sizes and ETags, so new weights under the same URI are
     fetched again."""
-    if not storage.is_s3(info.source):
-        return os.path.expanduser(info.source)
+    return fetch_folder(info.source, info.subfolder, info.files, s3)
+
+
+def fetch_folder(source: str, subfolder: str | None, files: tuple, s3=None) -> str:
+    """``source`` itself when local; for S3, a node-local copy of ``subfolder`` alone (the listed
+    ``files``), made once per node under a file lock and keyed by the files' sizes and ETags."""
+    if not storage.is_s3(source):
+        return os.path.expanduser(source)
     import filelock  # a huggingface_hub dependency
 
-    key = hashlib.sha256(json.dumps([info.source, info.subfolder, info.files]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([source, subfolder, files]).encode()).hexdigest()[:16]
     cache_root = os.environ.get("VIDEO_LATENTS_CACHE", os.path.expanduser("~/.cache/video-latents"))
     target = os.path.join(cache_root, "models", key)
     done = os.path.join(target, ".complete")
     os.makedirs(cache_root, exist_ok=True)
     with filelock.FileLock(target + ".lock"):
         if not os.path.exists(done):
-            folder = storage.join(info.source, info.subfolder) if info.subfolder else info.source
-            local = os.path.join(target, info.subfolder) if info.subfolder else target
+            folder = storage.join(source, subfolder) if subfolder else source
+            local = os.path.join(target, subfolder) if subfolder else target
             os.makedirs(local, exist_ok=True)
-            for name, _, _ in info.files:
+            for name, _, _ in files:
                 fs, path = storage.resolve(storage.join(folder, name), s3)
                 with fs.open_input_stream(path) as src, open(os.path.join(local, name), "wb") as dst:
                     while chunk := src.read(16 << 20):

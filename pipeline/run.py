@@ -13,7 +13,7 @@ import warnings
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans  # noqa: E402
+from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans, stats  # noqa: E402
 from pipeline.config import Config, data_batch_size, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
@@ -37,7 +37,7 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
     # A listing page stays one block (not split for parallelism): its filter and header probes
     # run as one task per page, with the probes on threads.
     units = ray.data.read_datasource(sources.Listing(cfg).datasource(), override_num_blocks=1,
-                                     ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}) \
+                                     num_cpus=LIGHT_TASK_CPUS) \
         .map_batches(resume.pending_batch, fn_kwargs={"done_ref": (ray.put(done),), "ledger": ledger},
                      batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS) \
         .map_batches(spans.split_page, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
@@ -54,6 +54,15 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
             batch_size=data_batch_size(cfg), batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             **VAEEncoder.ray_options(cfg))
+    if cfg.text_embeddings:  # its own pool, after the VAE's: text and video encode overlap
+        from actors.text import TEXT_BATCH, TextEncoder
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            latents = latents.map_batches(
+                TextEncoder, fn_constructor_kwargs={"cfg": cfg, "text": info.text}, batch_size=TEXT_BATCH,
+                batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+                **TextEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info, job_record)},
         batch_size=rows_per_file(cfg, info), batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
@@ -79,6 +88,7 @@ class Timeline:
         self.ledger = ledger
         self.clips = 0
         self.listed = self.already_done = 0
+        self.latent_check: dict = {"checked": False, "why": "the run's ledger did not answer"}
         self.started = time.perf_counter()
         self.run_started = run_started or time.time()  # wall clock, as the ledger's timeline
         self.timeline: list[tuple[float, int]] = [(0.0, 0)]  # (seconds, clips encoded), for the report
@@ -172,7 +182,10 @@ def run(cfg: Config, info: ModelInfo) -> dict:
         **(timeline.startup_and_steady() if timeline else {"first_clip_s": None, "steady_clips_per_s": None}),
         **outcomes(cfg),
         "job_fingerprint": record["fingerprint"],
+        "latent_check": timeline.latent_check if timeline else {"checked": False, "why": "nothing to encode"},
     }
+    for warning in summary["latent_check"].get("warnings", []):
+        print(f"video-latents: warning: stored latents: {warning}", file=sys.stderr)
     report.write_html(cfg, summary, timeline.timeline if timeline else [])
     if summary["errors_retryable"]:
         raise failures.RunFailed(
@@ -207,6 +220,8 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_starte
         timeline = encode_videos(cfg, info, done, ledger, record, run_started)
         state = ray.get(ledger.state.remote())
         timeline.listed, timeline.already_done = state["inputs_listed"], state["inputs_already_done"]
+        timeline.latent_check = stats.check(state["latent_moments"], info.has_statistics, cfg.latent_mode,
+                                            state["clips_nonfinite"])
     except Exception as e:
         state = _ledger_state(ledger)
         if state.get("stop"):

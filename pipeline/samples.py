@@ -94,3 +94,38 @@ def make_sample_videos(folder: str) -> list[str]:
     with open(broken, "wb") as f:
         f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     return paths + [broken]
+
+
+CAPTIONS = ["a red ball rolls across a wooden table", "two dogs play in the snow at night",
+            "a city street in the rain, seen from above", "waves break on a rocky shore at dawn",
+            "a close-up of hands kneading bread dough", "a timelapse of clouds over green hills"]
+
+
+def make_tiny_text_encoder(folder: str, kind: str = "t5", seed: int = 0) -> str:
+    """Save a tiny random-weight text encoder and a tokenizer trained here to ``folder/text_encoder``
+    and ``folder/tokenizer`` (a diffusers repository's layout): ``t5`` (CogVideoX, Mochi,
+    LTX-Video: T5EncoderModel) or ``umt5`` (Wan: UMT5EncoderModel). The tokenizer is a small
+    unigram model with T5's special tokens (pad 0, eos 1, unk 2), wrapped in T5TokenizerFast."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=96, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(CAPTIONS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tokenizer = transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                             unk_token="<unk>", extra_ids=0)
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    torch.manual_seed(seed)
+    config_cls, model_cls = {"t5": (transformers.T5Config, transformers.T5EncoderModel),
+                             "umt5": (transformers.UMT5Config, transformers.UMT5EncoderModel)}[kind]
+    config = config_cls(vocab_size=tok.get_vocab_size(), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    model_cls(config).eval().save_pretrained(os.path.join(folder, "text_encoder"))
+    return folder

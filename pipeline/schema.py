@@ -53,4 +53,16 @@ def tensor_columns(latent_mode: str) -> tuple[str, ...]:
     return ("latents_mean", "latents_logvar") if latent_mode == "dist" else ("latents",)
 
 
-ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar")
+# With --text-embeddings: the caption each clip used and the text encoder's output (pipeline.text);
+# the mask only for families whose pipeline uses one (Mochi, LTX-Video): uint8, 1 = a real token.
+CAPTION = "caption"
+PROMPT_EMBEDS, PROMPT_MASK = "prompt_embeds", "prompt_attention_mask"
+IMAGE_PREFIX = "image_"  # --image-latents: image_latents (or image_latents_mean/_logvar in dist mode)
+
+
+def image_columns(latent_mode: str) -> tuple[str, ...]:
+    return tuple(IMAGE_PREFIX + name for name in tensor_columns(latent_mode))
+
+
+ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", PROMPT_EMBEDS, PROMPT_MASK,
+                      *(IMAGE_PREFIX + c for c in ("latents", "latents_mean", "latents_logvar")))

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 from pipeline import hooks, layout, storage
 from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
-from pipeline.schema import (CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
-                             METADATA_KEY, STAGES, tensor_columns)
+from pipeline.text import text_dtype
+from pipeline.schema import (CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
+                             METADATA_KEY, PROMPT_EMBEDS, PROMPT_MASK, STAGES, image_columns, tensor_columns)
 
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 
@@ -49,7 +50,17 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
         "job_fingerprint": cfg.job_fingerprint,
         "job": job["identity"] if job else None,
         "versions": _versions(),
+        **({"text_encoder": info.text.metadata(text_dtype(cfg))} if cfg.text_embeddings and info.text else {}),
+        **({"image_latents": image_latents_metadata(info)} if cfg.image_latents else {}),
     }, sort_keys=True)
+
+
+def image_latents_metadata(info: ModelInfo) -> dict:
+    """What --image-latents stores, as the family's image-to-video pipeline prepares it."""
+    invert = bool(info.config.get("invert_scale_latents"))
+    return {"layout": LAYOUT, "frames": 1, "from": "each clip's first frame, encoded alone",
+            "normalization": "z / scaling_factor (invert_scale_latents, as CogVideoXImageToVideoPipeline)"
+            if invert else "as latents"}
 
 
 def _write_table(cfg: Config, folder: str, name: str, table: pa.Table, row_group_rows: int | None = None) -> str:
@@ -78,7 +89,7 @@ def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
 
 def passthrough_columns(batch: dict) -> tuple[str, ...]:
     """The columns that travel unchanged from the decode step to the writer."""
-    return tuple(CLIP_COLUMNS) + (("extra",) if "extra" in batch else ())
+    return tuple(CLIP_COLUMNS) + tuple(c for c in ("extra", CAPTION) if c in batch)
 
 
 def _extra_arrays(batch: dict, cfg: Config):
@@ -92,6 +103,12 @@ def _extra_arrays(batch: dict, cfg: Config):
         yield name, pa.array(values, type=typ)
 
 
+def output_tensor_columns(cfg: Config, batch: dict) -> tuple[str, ...]:
+    """The tensor columns a row of this job carries, in the order they are written."""
+    extra = (PROMPT_EMBEDS, PROMPT_MASK, *image_columns(cfg.latent_mode))
+    return tensor_columns(cfg.latent_mode) + tuple(c for c in extra if c in batch)
+
+
 def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
     arrays, fields = [], []
     for name, typ in {**CLIP_COLUMNS, **ENCODER_COLUMNS}.items():
@@ -102,7 +119,10 @@ def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
         for name, array in _extra_arrays(batch, cfg):
             arrays.append(array)
             fields.append(pa.field(name, array.type))
-    for name in tensor_columns(cfg.latent_mode):
+    if CAPTION in batch:
+        arrays.append(pa.array(np.asarray(batch[CAPTION]).tolist(), type=pa.string()))
+        fields.append(pa.field(CAPTION, pa.string()))
+    for name in output_tensor_columns(cfg, batch):
         tensor = tensor_array(batch[name])
         arrays.append(tensor)
         fields.append(pa.field(name, tensor.type))
@@ -116,6 +136,7 @@ def _by_latent_shape(batch: dict, cfg: Config) -> list[dict]:
     first = batch[tensor_columns(cfg.latent_mode)[0]]
     if first.dtype != object:
         return [batch]
+    tensors = output_tensor_columns(cfg, batch)
     groups: dict[tuple, list[int]] = {}
     for i, value in enumerate(first):
         groups.setdefault(np.asarray(value).shape, []).append(i)
@@ -124,8 +145,7 @@ def _by_latent_shape(batch: dict, cfg: Config) -> list[dict]:
         part = {}
         for name, values in batch.items():
             values = np.asarray(values)
-            part[name] = np.stack([values[i] for i in idx]) if name in tensor_columns(cfg.latent_mode) \
-                else values[idx]
+            part[name] = np.stack([values[i] for i in idx]) if name in tensors else values[idx]
         parts.append(part)
     return parts
 

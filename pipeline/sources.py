@@ -45,12 +45,14 @@ def read_manifest(cfg: Config) -> pa.Table:
 def manifest_extra_columns(cfg: Config) -> tuple[tuple[str, str], ...]:
     """The manifest's own columns and the Arrow type each keeps in the output."""
     columns = read_manifest(cfg).schema
+    # With --text-embeddings the output has its own `caption` column: the caption each clip used.
+    own = {schema.CAPTION} if cfg.text_embeddings else set()
     taken = {*schema.CLIP_COLUMNS, *schema.ENCODER_COLUMNS, *schema.ALL_TENSOR_COLUMNS, "extra"}
     clash = [f.name for f in columns if f.name in taken]
     if clash:
         raise ValueError(f"column(s) {', '.join(clash)} would overwrite the output's own; rename them")
     return tuple((f.name, str(f.type) if str(f.type) in PLAIN_TYPES else "string")
-                 for f in columns if f.name not in MANIFEST_COLUMNS)
+                 for f in columns if f.name not in MANIFEST_COLUMNS and f.name not in own)
 
 
 def _manifest_rows(cfg: Config) -> list[dict]:
@@ -71,8 +73,10 @@ def _manifest_rows(cfg: Config) -> list[dict]:
         if source in seen:
             continue
         seen.add(source)
+        caption = record.get(cfg.caption_column) if cfg.text_embeddings else None
         row = {"source_uri": source, "path": path, "size": -1, "start_sec": begin, "end_sec": end,
-               "extra": json.dumps(record, default=str) if cfg.extra_columns else None}
+               "extra": json.dumps(record, default=str) if cfg.extra_columns else None,
+               "caption": None if caption is None else str(caption)}
         rows.append(row)
     return rows
 
@@ -80,7 +84,8 @@ def _manifest_rows(cfg: Config) -> list[dict]:
 # Rows per listing page: one Arrow block each, streamed to the next stage as it is listed.
 PAGE_ROWS = 1000
 LISTING_SCHEMA = pa.schema([("source_uri", pa.string()), ("path", pa.string()), ("size", pa.int64()),
-                            ("start_sec", pa.float64()), ("end_sec", pa.float64()), ("extra", pa.string())])
+                            ("start_sec", pa.float64()), ("end_sec", pa.float64()), ("extra", pa.string()),
+                            ("caption", pa.string())])
 
 
 def iter_pages(cfg: Config, page_rows: int = PAGE_ROWS) -> Iterator[list[dict]]:
@@ -112,7 +117,8 @@ def iter_pages(cfg: Config, page_rows: int = PAGE_ROWS) -> Iterator[list[dict]]:
 
 
 def _row(uri: str, size: int) -> dict:
-    return {"source_uri": uri, "path": uri, "size": size, "start_sec": None, "end_sec": None, "extra": None}
+    return {"source_uri": uri, "path": uri, "size": size, "start_sec": None, "end_sec": None, "extra": None,
+            "caption": None}
 
 
 def _local_files(folder: str) -> Iterator[tuple[str, int]]:

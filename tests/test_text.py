@@ -1,0 +1,187 @@
+"""Prompt embeddings, image-to-video latents and the stored-latents check (issue 12).
+
+Tiny random-weight text encoders from transformers' own classes and a tokenizer trained here
+(pipeline.samples.make_tiny_text_encoder), loaded through ``from_pretrained`` like real weights;
+each family's embeddings are compared with a direct transformers computation written from the
+family's diffusers pipeline (not by calling it), and the image latents with a direct diffusers
+encode of the first frame.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import samples, stats
+from pipeline.config import Config, validate
+from pipeline.schema import METADATA_KEY, PROMPT_EMBEDS, PROMPT_MASK
+from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH, decode_all_rgb
+from tests.test_families import TINY, _save
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# family -> (VAE in test_families.TINY, text encoder kind, diffusers' default length, mask passed
+# to the encoder, mask returned, Wan's zeroed padding)
+FAMILIES = {
+    "CogVideoX": ("AutoencoderKLCogVideoX", "t5", 226, False, False, False),
+    "Mochi": ("AutoencoderKLMochi", "t5", 256, True, True, False),
+    "LTX-Video": ("AutoencoderKLLTXVideo", "t5", 128, False, True, False),
+    "Wan": ("AutoencoderKLWan", "umt5", 512, True, False, True),
+}
+
+
+def _model(folder, family: str) -> str:
+    vae_class, kind = FAMILIES[family][:2]
+    config, frames, _ = TINY[vae_class]
+    _save(vae_class, config, str(folder))
+    return samples.make_tiny_text_encoder(str(folder), kind)
+
+
+def _expected(model: str, family: str, captions: list[str], length: int):
+    """The family pipeline's _get_t5_prompt_embeds, written out with transformers."""
+    import ftfy  # noqa: F401 - WanPipeline's prompt_clean needs it, as diffusers does
+    import html
+    import re
+
+    import transformers
+
+    _, kind, _, mask_in, mask_out, trim = FAMILIES[family]
+    tokenizer = transformers.T5TokenizerFast.from_pretrained(model, subfolder="tokenizer")
+    cls = transformers.UMT5EncoderModel if kind == "umt5" else transformers.T5EncoderModel
+    encoder = cls.from_pretrained(model, subfolder="text_encoder").eval()
+    if family == "Wan":  # prompt_clean: ftfy, html unescape twice, collapse whitespace
+        import ftfy
+        captions = [re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(c))).strip()).strip()
+                    for c in captions]
+    t = tokenizer(captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                  return_tensors="pt")
+    with torch.no_grad():
+        out = encoder(t.input_ids, attention_mask=t.attention_mask if mask_in else None).last_hidden_state
+    if trim:
+        out = out * t.attention_mask[..., None]
+    return out.numpy(), (t.attention_mask.numpy().astype(np.uint8) if mask_out else None)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_embeddings_are_the_family_pipelines(family, tmp_path):
+    """Default length from the pipeline; embeddings (and the mask where the pipeline has one) equal
+    the direct computation; an identical caption is encoded once; an empty caption gets its own."""
+    from actors.text import TextEncoder
+
+    model = _model(tmp_path / "m", family)
+    os.makedirs(tmp_path / "in")
+    samples.write_video(str(tmp_path / "in" / "v.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH))
+    frames = TINY[FAMILIES[family][0]][1]
+    cfg, info = validate(Config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model,
+                                num_frames=frames, height=HEIGHT, width=WIDTH, text_embeddings=True,
+                                latent_dtype="float32", device="cpu"))
+    assert info.text.max_sequence_length == FAMILIES[family][2]
+    assert info.text.attention_mask == FAMILIES[family][4]
+    captions = [samples.CAPTIONS[0], samples.CAPTIONS[1], samples.CAPTIONS[0], ""]
+    actor = TextEncoder(cfg, info.text)
+    calls = []
+    actor.embed = (lambda embed: lambda c: calls.append(list(c)) or embed(c))(actor.embed)
+    out = actor({"caption": np.array(captions, dtype=object), "clip_id": np.array(["a", "b", "c", "d"])})
+    assert calls == [[samples.CAPTIONS[0], samples.CAPTIONS[1], ""]]  # each caption once
+    want, mask = _expected(model, family, captions, FAMILIES[family][2])
+    got = out[PROMPT_EMBEDS]
+    assert got.shape == (4, FAMILIES[family][2], 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if mask is None:
+        assert PROMPT_MASK not in out
+    else:
+        np.testing.assert_array_equal(out[PROMPT_MASK], mask)
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline", "encode", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_one_pass_gives_latents_prompt_embeds_and_image_latents(tmp_path):
+    """The CLI end to end on CogVideoX (its invert_scale_latents set, as CogVideoX 1.5): each row
+    carries its caption, the prompt embeddings and the first frame's latents divided by the
+    scaling factor; a video without a caption is an error row that says so; the metadata names
+    the text encoder; and a rerun with another text setting is refused."""
+    import diffusers
+
+    model = _model(tmp_path / "m", "CogVideoX")
+    src = tmp_path / "in"
+    for i, name in enumerate(["a", "b", "nocap"]):
+        samples.write_video(str(src / f"{name}.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=i))
+    (src / "a.txt").write_text(samples.CAPTIONS[2] + "\n")
+    (src / "b.txt").write_text(samples.CAPTIONS[3])
+    out = tmp_path / "out"
+    common = [src, out, "--model", model, "--num-frames", NUM_FRAMES, "--height", HEIGHT, "--width", WIDTH,
+              "--latent-dtype", "float32", "--text-embeddings", "--image-latents"]
+    proc = _run(common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["clips"] == 2 and summary["errors"] == 1 and summary["latent_check"]["checked"]
+
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert [(e["error_type"], e["error_class"], e["retryable"]) for e in errors] == [("NoCaption", "input", False)]
+    assert "nocap.txt" in errors[0]["message"]
+
+    table = pq.read_table(out / "latents")
+    rows = {os.path.basename(r["source_uri"]): r for r in table.to_pylist()}
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    assert meta["text_encoder"]["max_sequence_length"] == 226
+    assert meta["text_encoder"]["pipeline"] == "CogVideoXPipeline"
+    assert "invert_scale_latents" in meta["image_latents"]["normalization"]
+    want, _ = _expected(model, "CogVideoX", [samples.CAPTIONS[2], samples.CAPTIONS[3]], 226)
+    vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae").eval()
+    for j, name in enumerate(["a", "b"]):
+        row = rows[f"{name}.mp4"]
+        assert row["caption"] == samples.CAPTIONS[2 + j]
+        np.testing.assert_allclose(np.asarray(row[PROMPT_EMBEDS]).reshape(226, 16), want[j], rtol=1e-4, atol=1e-5)
+        first = torch.from_numpy(decode_all_rgb(str(src / f"{name}.mp4"))[:1]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            z = vae.encode(first).latent_dist.mode() / vae.config.scaling_factor  # invert_scale_latents
+        image = np.asarray(row["image_latents"]).reshape(1, *z.shape[1:2], *z.shape[3:])
+        np.testing.assert_allclose(image, z.permute(0, 2, 1, 3, 4)[0].numpy(), rtol=1e-3, atol=1e-4)
+
+    refused = _run([*common, "--text-max-length", 64])
+    assert refused.returncode == 2 and "--text-embeddings" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_manifest_captions_and_their_column(tmp_path):
+    """A manifest's caption column (named with --caption-column) gives each clip its caption; the
+    column is kept as the manifest's own too."""
+    from actors.text import TextEncoder  # noqa: F401 - the import path the run takes
+
+    model = _model(tmp_path / "m", "CogVideoX")
+    samples.write_video(str(tmp_path / "v0.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=0))
+    samples.write_video(str(tmp_path / "v1.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=1))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"uri": f"v{i}.mp4", "text": samples.CAPTIONS[i]}) + "\n"
+                                for i in range(2)))
+    proc = _run([tmp_path / "out", "--manifest", manifest, "--model", model, "--num-frames", NUM_FRAMES,
+                 "--height", HEIGHT, "--width", WIDTH, "--text-embeddings", "--caption-column", "text"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "out" / "latents").to_pylist()
+    assert sorted((r["caption"], r["text"]) for r in rows) == sorted((c, c) for c in samples.CAPTIONS[:2])
+    assert all(np.asarray(r[PROMPT_EMBEDS]).size == 226 * 16 for r in rows)
+
+
+def test_stored_latents_check_warns_when_off():
+    rng = np.random.default_rng(0)
+    good = rng.standard_normal((8, 3, 4, 5, 5))
+    total = stats.merge(stats.moments(good[:4]), stats.moments(good[4:]))
+    ok = stats.check(total, has_statistics=True, latent_mode="mode")
+    assert ok["checked"] and not ok["warnings"] and abs(ok["overall_std"] - 1) < 0.1
+    assert len(ok["mean"]) == 4
+    scaled = stats.check(stats.moments(good * 3 + 1), has_statistics=True, latent_mode="mode")
+    assert scaled["warnings"] and "channel" in scaled["warnings"][0]
+    tiny = stats.check(stats.moments(good * 0.01), has_statistics=False, latent_mode="sample")
+    assert tiny["warnings"] and "scaling factor" in tiny["warnings"][0]
+    bad = good.copy()
+    bad[0, 0, 0, 0, 0] = np.nan
+    assert stats.check(stats.moments(bad), True, "mode")["nonfinite_values"] == 1
+    assert not stats.check(total, True, "dist")["checked"]
