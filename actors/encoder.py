@@ -189,11 +189,17 @@ class VAEEncoder:
         return self._normalize(z)
 
     def _encode_fitting(self, clips: np.ndarray, idx: list[int], clip_ids, uris, errors,
-                        tiled: bool = False) -> dict:
+                        tiled: bool = False, pad: bool = True) -> dict:
         """Encode clips of one shape; out of memory, split the batch in halves down to single
-        clips, then try a clip with the VAE's tiling. Returns {batch index: (columns, tiled)}."""
+        clips, then try a clip with the VAE's tiling. Returns {batch index: (columns, tiled)}.
+
+        A lone clip is encoded beside a copy of itself (its result discarded) when the actor's
+        batch size is above one: oneDNN takes other kernels for a batch of one than for any larger
+        batch, and with them the last bits of the latents differ, while all larger batches agree
+        (measured). So a clip's bytes do not depend on how Ray Data happened to batch it (the end
+        of the input, a retry, a rerun). The out-of-memory halves are not padded."""
         try:
-            out = self._encode_or_stop(clips, [clip_ids[i] for i in idx])
+            out = self._encode_or_stop(clips, [clip_ids[i] for i in idx], pad)
             return {i: ({k: v[j] for k, v in out.items()}, tiled or self.cfg.tiling)
                     for j, i in enumerate(idx)}
         except Exception as e:  # noqa: BLE001 - out of memory is met below; the rest goes on up
@@ -203,12 +209,12 @@ class VAEEncoder:
             self._free_memory()
         if len(idx) > 1:
             half = len(idx) // 2
-            return {**self._encode_fitting(clips[:half], idx[:half], clip_ids, uris, errors, tiled),
-                    **self._encode_fitting(clips[half:], idx[half:], clip_ids, uris, errors, tiled)}
+            return {**self._encode_fitting(clips[:half], idx[:half], clip_ids, uris, errors, tiled, pad=False),
+                    **self._encode_fitting(clips[half:], idx[half:], clip_ids, uris, errors, tiled, pad=False)}
         if not tiled and not self.cfg.tiling and hasattr(self.vae, "enable_tiling"):
             self.vae.enable_tiling()
             try:
-                return self._encode_fitting(clips, idx, clip_ids, uris, errors, tiled=True)
+                return self._encode_fitting(clips, idx, clip_ids, uris, errors, tiled=True, pad=False)
             finally:
                 self.vae.disable_tiling()
         i = idx[0]
@@ -218,10 +224,14 @@ class VAEEncoder:
             clip_ids[i], error_class=RESOURCE, retryable=True))
         return {}
 
-    def _encode_or_stop(self, clips: np.ndarray, ids: list[str]) -> dict:
-        """Encode, letting out-of-memory through; any other failure is systemic."""
+    def _encode_or_stop(self, clips: np.ndarray, ids: list[str], pad: bool = False) -> dict:
+        """Encode (a lone clip padded, see _encode_fitting), letting out-of-memory
+        through; any other failure is systemic."""
+        n = len(ids)
+        if pad and n == 1 and self.chunk > 1:
+            clips, ids = np.concatenate([clips, clips]), [ids[0], ids[0]]
         try:
-            return self.encode(clips, ids)
+            return {k: v[:n] for k, v in self.encode(clips, ids).items()}
         except Exception as e:  # noqa: BLE001 - classified right here
             if failures.is_out_of_memory(e):
                 raise
