@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # from the CUDA index that matches your driver (see the README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-bundle install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: install
 # Benchmarks (never part of the tests); the decode comparison needs Debian's ffmpeg.
 bench: install
 	$(BIN)/python -m bench --device cpu --quick
+
+# The wheels the offline GPU benchmark carries (Python 3.12, the GPU image's); on the GPU machine:
+#   bash bench/gpu_run.sh .gpu-bundle OUTDIR
+gpu-bundle: install
+	$(BIN)/python -m bench.bundle --python-version 3.12 --out .gpu-bundle
 
 clean:
 	rm -rf $(VENV) demo-output
