@@ -271,8 +271,9 @@ class VAEEncoder:
             sink.write_error(self.cfg, row)
         kept = sorted(encoded)
         moments = None
-        if kept and self.cfg.latent_mode != "dist":  # the stored values, after the storage cast
-            moments = stats.moments(np.stack([encoded[i][0]["latents"] for i in kept]))
+        if self.cfg.latent_mode != "dist":  # the stored values, after the storage cast; per shape (--buckets)
+            for value in (encoded[i][0]["latents"] for i in kept):
+                moments = stats.merge(moments, stats.moments(value[None]))
         self._report(len(encoded), [f"encode/{row['error_type']}" for row in errors], moments)
         out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
         out["tiled"] = np.array([encoded[i][1] for i in kept], dtype=bool)
