@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from bench.harness import SHAPES, SMALL_COGVIDEOX
+from bench.harness import SHAPES, SMALL_COGVIDEOX, moto_s3
 
 
 def _s3_env(endpoint: str) -> dict:
@@ -108,35 +108,29 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", default="", help="JSON list of [label, [CLI options], {env}] to time too "
                                                   "(levers; the defaults are always run)")
     args = p.parse_args(argv)
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     root = tempfile.mkdtemp(prefix="vl-defaults-")
-    try:
-        os.environ.update({k: v for k, v in _s3_env(endpoint).items() if k.startswith("AWS_")})
-        model, shape = make_inputs(root, args.videos, args.clips_per_video, endpoint)
-        runs, variants = [], []
-        for i in range(args.repeats):
-            runs.append({**run_cli(model, shape, endpoint, f"out{i}"), **run_naive(model, shape, endpoint)})
-            print(json.dumps(runs[-1]), flush=True)
-            for label, extra, env in json.loads(args.variants or "[]"):
-                variants.append({"variant": label, **run_cli(model, shape, endpoint, f"var{i}-{len(variants)}",
-                                                             extra, env)})
-                print(json.dumps(variants[-1]), flush=True)
-        best_cli = min(r["cli_wall_s"] for r in runs)
-        best_naive = min(r["naive_wall_s"] for r in runs)
-        result = {"videos": args.videos, "clips": runs[0]["cli_clips"], "clip_shape": list(shape),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
-                  "variants": variants, "cli_wall_s": best_cli, "naive_wall_s": best_naive,
-                  "cli_vs_naive": round(best_naive / best_cli, 3)}
-        print(json.dumps(result))
-        return result
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with moto_s3() as endpoint:
+        try:
+            os.environ.update({k: v for k, v in _s3_env(endpoint).items() if k.startswith("AWS_")})
+            model, shape = make_inputs(root, args.videos, args.clips_per_video, endpoint)
+            runs, variants = [], []
+            for i in range(args.repeats):
+                runs.append({**run_cli(model, shape, endpoint, f"out{i}"), **run_naive(model, shape, endpoint)})
+                print(json.dumps(runs[-1]), flush=True)
+                for label, extra, env in json.loads(args.variants or "[]"):
+                    variants.append({"variant": label, **run_cli(model, shape, endpoint, f"var{i}-{len(variants)}",
+                                                                 extra, env)})
+                    print(json.dumps(variants[-1]), flush=True)
+            best_cli = min(r["cli_wall_s"] for r in runs)
+            best_naive = min(r["naive_wall_s"] for r in runs)
+            result = {"videos": args.videos, "clips": runs[0]["cli_clips"], "clip_shape": list(shape),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
+                      "variants": variants, "cli_wall_s": best_cli, "naive_wall_s": best_naive,
+                      "cli_vs_naive": round(best_naive / best_cli, 3)}
+            print(json.dumps(result))
+            return result
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,37 +15,9 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
-
-class PeakRss:
-    """This process's peak resident memory while the block runs (sampled; the driver alone,
-    not Ray's workers)."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.start = self.proc.memory_info().rss
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join()
-
-    @property
-    def growth_mb(self) -> float:
-        return round((self.peak - self.start) / 2**20, 1)
+from bench.harness import RssSampler, moto_s3
 
 
 def make_tree(root: str, n: int, per_folder: int = 1000) -> str:
@@ -79,12 +51,12 @@ def listing_and_plan(n: int) -> dict:
         model = samples.make_tiny_vae(os.path.join(root, "model"))
         cfg, info = validate(Config(input=tree, output=os.path.join(root, "out"), model=model, num_frames=9,
                                     height=64, width=64))
-        with PeakRss() as listing_rss:
+        with RssSampler(0.05, children=False) as listing_rss:
             t = time.perf_counter()
             listed = sum(len(page) for page in sources.iter_pages(cfg))
             listing_s = time.perf_counter() - t
         ray.init(include_dashboard=False, log_to_driver=False)
-        with PeakRss() as plan_rss:
+        with RssSampler(0.05, children=False) as plan_rss:
             t = time.perf_counter()
             result = plan(cfg, info)
             plan_s = time.perf_counter() - t
@@ -103,38 +75,33 @@ def s3_requests_per_clip(videos: int) -> dict:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from pipeline import samples
     from pipeline.cli import main
     from tests.faultproxy import FaultProxy
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     root = tempfile.mkdtemp(prefix="vl-s3-")
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="bench")
-        for i in range(videos):
-            path = samples.write_video(os.path.join(root, f"v{i}.mp4"), samples.synthetic_frames(27, 64, 64, i))
-            client.upload_file(path, "bench", f"in/v{i:03d}.mp4")
-        model = samples.make_tiny_vae(os.path.join(root, "model"))
-        requests = []
-        with FaultProxy(endpoint, schedule=lambda n, method, path: requests.append((method, path)) and None) as proxy:
-            code = main(["encode", "s3://bench/in", "s3://bench/out", "--model", model, "--num-frames", "9",
-                         "--height", "64", "--width", "64", "--s3-endpoint", proxy.endpoint])
-        assert code == 0
-        clips = videos * 3
-        by_method = {m: sum(1 for x, _ in requests if x == m) for m in sorted({m for m, _ in requests})}
-        writes = sum(1 for m, p in requests if m in ("PUT", "POST") and "/out/" in p)
-        return {"s3_videos": videos, "s3_clips": clips, "s3_requests": len(requests),
-                "s3_requests_per_clip": round(len(requests) / clips, 2), "s3_requests_by_method": by_method,
-                "s3_write_requests": writes}
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with moto_s3() as endpoint:
+        try:
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket="bench")
+            for i in range(videos):
+                path = samples.write_video(os.path.join(root, f"v{i}.mp4"), samples.synthetic_frames(27, 64, 64, i))
+                client.upload_file(path, "bench", f"in/v{i:03d}.mp4")
+            model = samples.make_tiny_vae(os.path.join(root, "model"))
+            requests = []
+            with FaultProxy(endpoint, schedule=lambda n, method, path: requests.append((method, path)) and None) as proxy:
+                code = main(["encode", "s3://bench/in", "s3://bench/out", "--model", model, "--num-frames", "9",
+                             "--height", "64", "--width", "64", "--s3-endpoint", proxy.endpoint])
+            assert code == 0
+            clips = videos * 3
+            by_method = {m: sum(1 for x, _ in requests if x == m) for m in sorted({m for m, _ in requests})}
+            writes = sum(1 for m, p in requests if m in ("PUT", "POST") and "/out/" in p)
+            return {"s3_videos": videos, "s3_clips": clips, "s3_requests": len(requests),
+                    "s3_requests_per_clip": round(len(requests) / clips, 2), "s3_requests_by_method": by_method,
+                    "s3_write_requests": writes}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv=None) -> dict:

@@ -6,6 +6,7 @@ generated videos, in one process tree. Never run as a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,28 +42,35 @@ class Workload:
 
 
 class RssSampler:
-    """Peak summed RSS of this process and all its descendants (the local Ray's too)."""
+    """Peak resident memory while the block runs, sampled: summed over this process and all its
+    descendants (the local Ray's too), or this process alone with ``children=False`` (the driver)."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, children: bool = True):
         import psutil
 
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+        self.proc, self.interval, self.children = psutil.Process(), interval, children
+        self.start = self.peak = 0
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _rss(self) -> int:
         import psutil
 
+        total = 0
+        for p in [self.proc, *(self.proc.children(recursive=True) if self.children else [])]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
         while not self._stop.is_set():
-            total = 0
-            for p in [self.proc, *self.proc.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self._rss())
             time.sleep(self.interval)
 
     def __enter__(self):
+        self.start = self._rss()
         self.thread.start()
         return self
 
@@ -73,6 +81,25 @@ class RssSampler:
     @property
     def peak_mb(self) -> float:
         return round(self.peak / 2**20, 1)
+
+    @property
+    def growth_mb(self) -> float:
+        """Peak over what was resident when the block began."""
+        return round((self.peak - self.start) / 2**20, 1)
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """A real S3 API server (moto) on a free loopback port for the block: yields its endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 def make_workload(device: str, num_videos: int, clips_per_video: int, root: str | None = None,
