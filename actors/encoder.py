@@ -277,12 +277,12 @@ class VAEEncoder:
         self._report(len(encoded), [f"encode/{row['error_type']}" for row in errors], moments)
         out = {name: np.asarray(batch[name])[kept] for name in sink.passthrough_columns(batch)}
         out["tiled"] = np.array([encoded[i][1] for i in kept], dtype=bool)
-        for name in tensor_columns(self.cfg.latent_mode):
+        shapes = {name: self.latent_shape for name in tensor_columns(self.cfg.latent_mode)}
+        if self.cfg.image_latents:  # one latent frame
+            shapes.update({name: (1, *self.latent_shape[1:]) for name in image_columns(self.cfg.latent_mode)})
+        for name, shape in shapes.items():
             out[name] = _stack([encoded[i][0][name] for i in kept],
-                               empty=np.zeros((0, *self.latent_shape), dtype=self.cfg.latent_dtype))
-        for name in image_columns(self.cfg.latent_mode) if self.cfg.image_latents else ():
-            out[name] = _stack([encoded[i][0][name] for i in kept],
-                               empty=np.zeros((0, 1, *self.latent_shape[1:]), dtype=self.cfg.latent_dtype))
+                               empty=np.zeros((0, *shape), dtype=self.cfg.latent_dtype))
         return out
 
     def _report(self, ok: int, failed_as: list[str], moments: dict | None = None) -> None:

@@ -141,8 +141,7 @@ def inspect_text(cfg: Config, vae_class: str) -> TextInfo:
 
 def sidecar(path: str) -> str:
     """The caption file beside a video: the same name with ``.txt``."""
-    stem, _ = os.path.splitext(path) if not storage.is_s3(path) else (path.rsplit(".", 1)[0], "")
-    return stem + ".txt"
+    return os.path.splitext(path)[0] + ".txt"  # s3:// URIs split the same way
 
 
 def caption_for(row: dict, cfg: Config) -> str:
