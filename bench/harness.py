@@ -28,8 +28,6 @@ SMALL_COGVIDEOX = dict(block_out_channels=(32, 32, 64, 64), latent_channels=16, 
                        norm_num_groups=8)
 # (frames, height, width) encoded per clip, and the source videos' size (resized by the pipeline).
 SHAPES = {"cpu": ((17, 128, 192), (192, 288)), "cuda": ((49, 480, 720), (720, 1080))}
-# Dense bf16 peak of the GPUs this is run on (no sparsity), for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 @dataclass
@@ -181,11 +179,13 @@ def _flops(enc, one_clip, seconds_per_clip) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bench.gpu import peak_bf16_tflops  # the per-card table, cited there
+
     with FlopCounterMode(display=False) as counter:
         enc.encode(one_clip, ["0"])
     tflops = counter.get_total_flops() / 1e12
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_bf16_tflops(name)
     achieved = tflops / seconds_per_clip
     return {"tflops_per_clip": round(tflops, 2), "achieved_tflops": round(achieved, 1),
             "mfu": round(achieved / peak, 3) if peak else None, "gpu": name}
