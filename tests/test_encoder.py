@@ -1,4 +1,7 @@
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -185,3 +188,36 @@ def test_storage_dtype(tiny_vae, tmp_path, latent_dtype):
     enc = make_encoder(tiny_vae, tmp_path)
     enc.latent_dtype = getattr(enc.torch, latent_dtype)
     assert enc(batch_of(1)[0])["latents"].dtype == np.dtype(latent_dtype)
+
+
+ALLOCATOR_SCRIPT = r'''
+import hashlib, sys
+import numpy as np
+import actors.encoder as E
+from pipeline.config import Config
+from pipeline.model import inspect_model
+model, folder, tuned = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+applied = E.keep_freed_memory() if tuned else False
+if not tuned:
+    E.keep_freed_memory = lambda: False  # the actor's own call, off
+cfg = Config(input=folder, output=folder + "/out", model=model, num_frames=9, height=96, width=128,
+             device="cpu", dtype="float32", latent_dtype="float32", num_actors=(1, 1), batch_size=2)
+enc = E.VAEEncoder(cfg, inspect_model(model))
+frames = np.random.default_rng(0).integers(0, 256, (2, 3, 9, 96, 128), dtype=np.uint8)
+latents = [enc.encode(frames, ["a", "b"])["latents"] for _ in range(2)]
+print(applied, hashlib.sha256(b"".join(z.tobytes() for z in latents)).hexdigest())
+'''
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt: Linux only")
+def test_the_cpu_allocator_settings_change_no_latent_bit(tiny_vae, tmp_path):
+    """keep_freed_memory (the CPU actor's glibc settings) is applied, and the same clips give
+    the same bytes with it as without (each in its own process: the settings are per process)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT, tiny_vae, str(tmp_path), tuned],
+                           capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+            for tuned in ("1", "0")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    (applied, tuned_hash), (_, plain_hash) = (r.stdout.split()[-2:] for r in runs)
+    assert applied == "True"
+    assert tuned_hash == plain_hash
