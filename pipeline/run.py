@@ -21,6 +21,11 @@ from pipeline.model import ModelInfo  # noqa: E402
 # waiting on storage. Asking a whole CPU each left no CPU budget for decoding on a small node
 # while the encoder actor started, and held the first clip back by seconds (BENCHMARKS.md).
 LIGHT_TASK_CPUS = 0.25
+# The listing task (list a page, drop what OUTPUT holds, probe headers, cut into one-row blocks)
+# asks none: it streams for as long as the listing lasts, and any CPU it held was one that
+# decoding lacked on a 2-CPU node beside the 1-CPU encoder actor, so that no clip was decoded
+# until the actor had loaded its model (~5 s; BENCHMARKS.md).
+LISTING_CPUS = 0
 
 
 def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=None,
@@ -36,13 +41,12 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
 
     # A listing page stays one block (not split for parallelism): its filter and header probes
     # run as one task per page, with the probes on threads.
-    units = ray.data.read_datasource(sources.Listing(cfg).datasource(), override_num_blocks=1,
-                                     num_cpus=LIGHT_TASK_CPUS) \
+    units = one_row_blocks(
+        ray.data.read_datasource(sources.Listing(cfg).datasource(), override_num_blocks=1, num_cpus=LISTING_CPUS)
         .map_batches(resume.pending_batch, fn_kwargs={"done_ref": (ray.put(done),), "ledger": ledger},
-                     batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS) \
+                     batch_size=None, batch_format="pyarrow", num_cpus=LISTING_CPUS)
         .map_batches(spans.split_page, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
-                     num_cpus=LIGHT_TASK_CPUS) \
-        .repartition(target_num_rows_per_block=1)  # one task per input or part, in parallel
+                     num_cpus=LISTING_CPUS))  # one decode task per input or part, in parallel
     clips = units.flat_map(decode.decode_clips, fn_kwargs={"cfg": cfg, "ledger": ledger}, num_cpus=cfg.decode_cpus)
     min_actors, max_actors = cfg.num_actors
     with warnings.catch_warnings():
@@ -73,6 +77,22 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
     finally:
         timeline.close()
     return timeline
+
+
+def one_row_blocks(ds, num_cpus: float = LISTING_CPUS):
+    """``ds.repartition(target_num_rows_per_block=1)`` whose task asks ``num_cpus``, so that Ray
+    Data fuses it into the map before it (same resources): the listing task itself cuts its
+    output into one-row blocks. The public call takes no resources and runs as a separate
+    1-CPU task, held for as long as the listing streams. Built from Ray Data's own logical
+    operator, as ``Dataset.repartition`` builds it; Ray is pinned (pyproject.toml), and a test
+    checks the fused plan."""
+    import ray
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    op = StreamingRepartition(target_num_rows_per_block=1, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": num_cpus})
+    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 # Seconds between one-line progress summaries on stderr.

@@ -70,3 +70,17 @@ def test_without_limits_to_read_a_gpu_pool_may_grow_to_the_documented_default(ra
     mochi, _ = cluster.resolve(Config(input="i", output="o", model="m", device="cuda", cluster_config=missing),
                                "AutoencoderKLMochi")
     assert mochi.dtype == "float32"  # bfloat16 loses Mochi's Fourier features (see BENCHMARKS.md)
+
+
+def test_the_listing_cuts_its_own_one_row_blocks_without_holding_a_cpu(ray_local):
+    """The split into one-row blocks runs inside the listing task (fused, 0 CPUs), not as a
+    separate 1-CPU task that would keep decoding waiting while the encoder actor loads."""
+    import ray
+
+    from pipeline.run import LISTING_CPUS, one_row_blocks
+
+    ds = one_row_blocks(ray.data.range(6, override_num_blocks=1).map_batches(
+        lambda b: b, batch_size=None, num_cpus=LISTING_CPUS)).materialize()
+    assert ds.num_blocks() == 6 and ds.count() == 6
+    stats = ds.stats()
+    assert "MapBatches(<lambda>)->StreamingRepartition" in stats, stats
