@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 from bench.harness import SHAPES, SMALL_COGVIDEOX, moto_s3
+from pipeline.config import CPU_BATCH
 
 
 def _s3_env(endpoint: str) -> dict:
@@ -100,6 +102,26 @@ def run_naive(model: str, shape, endpoint: str) -> dict:
     return {"naive_wall_s": round(wall, 2), "naive_clips": json.loads(proc.stdout.strip().splitlines()[-1])["clips"]}
 
 
+ISOLATED = r'''
+import json, sys
+from bench.harness import Workload, isolated_encode
+root, model, videos, f, h, w, n, batch = sys.argv[1:]
+work = Workload(root, model, videos, (int(f), int(h), int(w)), int(n))
+print(json.dumps(isolated_encode(work, "cpu", int(batch), None)))
+'''
+
+
+def run_isolated(root: str, model: str, shape, clips: int, batch_size: int) -> float:
+    """The actor's encode step alone, in a fresh process as the actor is (its allocator settings
+    and threads), on the same videos decoded into memory first: clips/s."""
+    proc = subprocess.run([sys.executable, "-c", ISOLATED, root, model, os.path.join(root, "v"), *map(str, shape),
+                           str(clips), str(batch_size)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])["isolated_clips_per_s"]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.defaults", description=__doc__.split("\n")[0])
     p.add_argument("--videos", type=int, default=60)
@@ -107,6 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=1, help="alternate CLI and naive runs this many times")
     p.add_argument("--variants", default="", help="JSON list of [label, [CLI options], {env}] to time too "
                                                   "(levers; the defaults are always run)")
+    p.add_argument("--out", default="", help="also write the result JSON here (bench/results/defaults-cpu.json)")
     args = p.parse_args(argv)
     root = tempfile.mkdtemp(prefix="vl-defaults-")
     with moto_s3() as endpoint:
@@ -123,11 +146,21 @@ def main(argv=None) -> dict:
                     print(json.dumps(variants[-1]), flush=True)
             best_cli = min(r["cli_wall_s"] for r in runs)
             best_naive = min(r["naive_wall_s"] for r in runs)
-            result = {"videos": args.videos, "clips": runs[0]["cli_clips"], "clip_shape": list(shape),
+            isolated = run_isolated(root, model, shape, runs[0]["cli_clips"], CPU_BATCH)
+            steady = statistics.median(r["cli_steady_clips_per_s"] for r in runs)
+            result = {"date": time.strftime("%Y-%m-%d"),
+                      "command": "PYTHONPATH=. python -m bench.defaults " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      "videos": args.videos, "clips": runs[0]["cli_clips"], "clip_shape": list(shape),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
                       "variants": variants, "cli_wall_s": best_cli, "naive_wall_s": best_naive,
-                      "cli_vs_naive": round(best_naive / best_cli, 3)}
+                      "cli_vs_naive": round(best_naive / best_cli, 3),
+                      "cli_vs_naive_per_pair": [round(r["naive_wall_s"] / r["cli_wall_s"], 3) for r in runs],
+                      "isolated_clips_per_s": round(isolated, 3),
+                      "pipeline_vs_isolated_steady": round(steady / isolated, 3)}
             print(json.dumps(result))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
             return result
         finally:
             shutil.rmtree(root, ignore_errors=True)
