@@ -17,10 +17,9 @@ from pipeline import cluster, decode, failures, job, layout, report, resume, sin
 from pipeline.config import Config, data_batch_size, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
-# CPUs asked for by the light steps (listing, the resume filter, probing headers, writing): mostly
-# waiting on storage. Asking a whole CPU each left no CPU budget for decoding on a small node
-# while the encoder actor started, and held the first clip back by seconds (BENCHMARKS.md).
-LIGHT_TASK_CPUS = 0.25
+# CPUs asked for by a writer task: mostly waiting on storage. Asking a whole CPU left no CPU
+# budget for decoding on a small node, and held clips back by seconds (BENCHMARKS.md).
+WRITER_CPUS = 0.25
 # The listing task (list a page, drop what OUTPUT holds, probe headers, cut into one-row blocks)
 # asks none: it streams for as long as the listing lasts, and any CPU it held was one that
 # decoding lacked on a 2-CPU node beside the 1-CPU encoder actor, so that no clip was decoded
@@ -69,7 +68,7 @@ def encode_videos(cfg: Config, info: ModelInfo, done, ledger=None, job_record=No
                 **TextEncoder.ray_options(cfg))
     written = latents.map_batches(
         sink.write_latents, fn_kwargs={"cfg": cfg, "metadata_json": sink.dataset_metadata(cfg, info, job_record)},
-        batch_size=rows_per_file(cfg, info), batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+        batch_size=rows_per_file(cfg, info), batch_format="numpy", num_cpus=WRITER_CPUS)
     timeline = Timeline(ledger, run_started)
     try:
         for row in written.iter_rows():
