@@ -79,9 +79,7 @@ class VAEEncoder:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         else:
-            # Ray pins a 1-CPU actor to one thread; encoding is then the bottleneck by far, and
-            # the decode tasks are light beside it, so let torch use the node's cores.
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads(cfg))
             keep_freed_memory()
         if ledger is not None:
             import ray
@@ -105,7 +103,8 @@ class VAEEncoder:
         self.chunk = data_batch_size(cfg)
         if cfg.batch_size is None and self.device.type == "cuda":
             self.chunk = self._fit_batch()
-        log.info("encoder actor: %d clip(s) per VAE call on %s", self.chunk, self.device)
+        log.info("encoder actor: %d clip(s) per VAE call on %s%s", self.chunk, self.device,
+                 f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else "")
 
     def _to_device(self, frames: np.ndarray):
         torch = self.torch
@@ -294,6 +293,31 @@ class VAEEncoder:
         stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as, moments))
         if stop:
             raise failures.GuardTripped(stop)
+
+
+def cpu_threads(cfg: Config) -> int:
+    """torch's threads in a CPU encoder actor: --cpu-threads, else the CPUs Ray counts on this
+    node (``ray start --num-cpus``, or the container's CPU limit, where ``os.cpu_count()`` sees
+    the host's cores), at most the CPUs this process may run on.
+
+    Ray pins a 1-CPU actor to one thread; encoding is the bottleneck by far and the decode tasks
+    are light beside it, so torch uses the node's CPUs. oneDNN splits its reductions by thread
+    count, so the latents' last bits depend on it (tested): nodes of other sizes give other
+    bits unless --cpu-threads pins it."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            here = ray.get_runtime_context().get_node_id()
+            counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
+            if counted >= 1:
+                return max(1, min(usable, int(counted)))
+    except Exception:  # noqa: BLE001 - Ray could not say: the CPUs this process may use
+        pass
+    return usable
 
 
 # glibc malloc settings for the CPU encoder's process (mallopt parameter numbers from malloc.h).

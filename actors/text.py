@@ -9,11 +9,11 @@ zeroed empty prompt) are diffusers', not a copy. Identical captions are encoded 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import numpy as np
 
+from actors.encoder import cpu_threads
 from pipeline import hooks, model
 from pipeline.config import Config
 from pipeline.schema import CAPTION, PROMPT_EMBEDS, PROMPT_MASK
@@ -68,7 +68,7 @@ class TextEncoder:
         self.torch, self.cfg, self.text = torch, cfg, text
         self.device = torch.device(hooks.compute_device(cfg.device))
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads(cfg))
         tokenizer, encoder = load_text(text, str(self.device), text_dtype(cfg) or "float32", cfg.s3,
                                        cfg.allow_pickle)
         self.view = _PipelineView(tokenizer, encoder, self.device, text.pipeline_config)

@@ -89,6 +89,10 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "contiguous on CUDA")
     p.add_argument("--decode-cpus", type=float, default=1.0,
                    help="CPUs per decode task, and FFmpeg threads in it (default 1; more for 4K sources)")
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch threads of each CPU encoder actor (default: the node's CPUs as Ray counts "
+                        "them). The latents' last bits depend on it: pin it for bit-identical reruns on "
+                        "nodes of other sizes")
     p.add_argument("--clips-per-task", type=int, default=64, metavar="N",
                    help="a video with more clips is cut into parts of N clips, decoded by separate tasks "
                         "that seek to their part (constant frame rate videos; default 64, 0: never split)")

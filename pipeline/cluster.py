@@ -114,6 +114,9 @@ def plan_line(cfg: Config, why: str, rows_per_file: int) -> str:
     batch = (f"batch {cfg.batch_size}" if cfg.batch_size else
              f"batch auto (the largest of up to {data_batch_size(cfg)} that fits)" if cfg.device == "cuda" else
              f"batch auto ({data_batch_size(cfg)})")
+    if cfg.device == "cpu":
+        batch += (f", {cfg.cpu_threads} torch threads" if cfg.cpu_threads else
+                  ", as many torch threads as the node has CPUs")
     source = cfg.input if cfg.manifest is None else f"--manifest {cfg.manifest}"
     if cfg.text_embeddings:  # a text encoder actor beside each VAE actor, sharing its GPU slot
         each = (f", {cfg.gpus_per_actor * (1 - cfg.text_gpus):g} GPU each; text encoder pool 1..{cfg.num_actors[1]}, "

@@ -50,6 +50,7 @@ class Config:
     memory_format: str = "auto"  # auto: channels_last_3d on cpu (measured faster), contiguous on cuda
     rows_per_file: int | None = None  # None: about TARGET_FILE_BYTES of latents per file
     decode_cpus: float = 1.0  # CPUs per decode task, and FFmpeg threads in it
+    cpu_threads: int | None = None  # torch threads of a CPU encoder actor; None: the node's CPUs as Ray counts them
     clips_per_task: int = 64  # a longer video is split into parts decoded by separate tasks; 0: never
     num_actors: tuple[int, int] | None = None  # None: decided from the cluster's GPUs
     gpus_per_actor: float = 1.0
@@ -166,6 +167,7 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.text_encoder is None or cfg.text_embeddings, "--text-encoder needs --text-embeddings")
     _check(cfg.rows_per_file is None or cfg.rows_per_file >= 1, "--rows-per-file must be at least 1")
     _check(cfg.decode_cpus > 0, "--decode-cpus must be positive")
+    _check(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
     _check(cfg.clips_per_task >= 0, "--clips-per-task must be 0 (never split) or more")
     _check(cfg.gpus_per_actor > 0, "--gpus-per-actor must be positive (fractions like 0.5 are allowed)")
     _check(cfg.gpus_per_actor <= 1 or float(cfg.gpus_per_actor).is_integer(),

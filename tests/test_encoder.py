@@ -221,3 +221,37 @@ def test_the_cpu_allocator_settings_change_no_latent_bit(tiny_vae, tmp_path):
     (applied, tuned_hash), (_, plain_hash) = (r.stdout.split()[-2:] for r in runs)
     assert applied == "True"
     assert tuned_hash == plain_hash
+
+
+THREADS_SCRIPT = r'''
+import json, ray
+from actors.encoder import cpu_threads
+from pipeline.config import Config
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+cfg = Config(input="i", output="o", model="m", device="cpu")
+counted = ray.get(ray.remote(num_cpus=1)(lambda: cpu_threads(cfg)).remote())
+pinned = ray.get(ray.remote(num_cpus=1)(lambda: cpu_threads(cfg.replace(cpu_threads=3))).remote())
+ray.shutdown()
+print(json.dumps([counted, pinned]))
+'''
+
+
+def test_cpu_actors_take_their_threads_from_the_cpus_ray_counts_on_the_node_or_the_option(tmp_path):
+    """A node started with one CPU (``ray start --num-cpus 1``, or a container limited to one)
+    gets one torch thread, whatever the host's core count; --cpu-threads overrides."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root, "RAY_ADDRESS": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[1, 3]"
+
+
+def test_the_encoder_actor_sets_torchs_threads_to_cpu_threads(tiny_vae, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        make_encoder(tiny_vae, tmp_path, cpu_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,9 @@ def test_auto_device_dtype_and_pool_on_a_cpu_cluster(ray_local, capsys):
     cfg = resolve_resources(Config(input="i", output="o", model="m"))
     assert (cfg.device, cfg.dtype, cfg.num_actors) == ("cpu", "float32", (1, 1))
     assert capsys.readouterr().err == ""
+    assert "batch auto (2), as many torch threads as the node has CPUs;" in cluster.plan_line(cfg, "", 1)
+    pinned = cluster.plan_line(cfg.replace(cpu_threads=3), "", 1)
+    assert "batch auto (2), 3 torch threads;" in pinned
 
 
 def test_cpu_actors_leave_a_cpu_for_decoding(ray_local, capsys):
