@@ -255,3 +255,51 @@ def test_the_encoder_actor_sets_torchs_threads_to_cpu_threads(tiny_vae, tmp_path
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _malloc_arenas() -> int:
+    """glibc's malloc arenas in this process, from malloc_info's report."""
+    import ctypes
+    import tempfile
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile("r") as report:
+        fp = libc.fopen(report.name.encode(), b"w")
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        return report.read().count("<heap nr=")
+
+
+class _ArenaProbe:
+    """Allocates on a thread of its own, as Ray Data calls an actor, and counts the arenas."""
+
+    def arenas(self) -> int:
+        import threading
+
+        counted = []
+
+        def allocate():
+            blocks = [bytearray(1 << 20) for _ in range(4)]  # noqa: F841 - held while counting
+            counted.append(_malloc_arenas())
+
+        thread = threading.Thread(target=allocate)
+        thread.start()
+        thread.join()
+        return counted[0]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_the_cpu_encoder_actors_process_keeps_one_malloc_arena(ray_local):
+    """The CPU actor's options start its process with one glibc arena, so the thread Ray Data
+    encodes on allocates from the main heap that keep_freed_memory tunes; a CUDA actor's
+    process keeps glibc's default (one arena per thread, up to 8 per core)."""
+    counts = {}
+    for device in ("cpu", "cuda"):
+        options = VAEEncoder.ray_options(Config(input="i", output="o", model="m", device=device))
+        probe = ray_local.remote(num_cpus=0, runtime_env=options.get("runtime_env"))(_ArenaProbe).remote()
+        counts[device] = ray_local.get(probe.arenas.remote())
+        ray_local.kill(probe)
+    assert counts["cpu"] == 1
+    assert counts["cuda"] > 1
