@@ -304,9 +304,9 @@ def cpu_threads(cfg: Config) -> int:
     the host's cores), at most the CPUs this process may run on.
 
     Ray pins a 1-CPU actor to one thread; encoding is the bottleneck by far and the decode tasks
-    are light beside it, so torch uses the node's CPUs. oneDNN splits its reductions by thread
-    count, so the latents' last bits depend on it (tested): nodes of other sizes give other
-    bits unless --cpu-threads pins it."""
+    are light beside it, so torch uses the node's CPUs. oneDNN splits its work by thread count,
+    and the latents' last bits depend on it (measured, BENCHMARKS.md): nodes of other sizes give
+    other bits unless --cpu-threads pins it."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
