@@ -25,7 +25,7 @@ demo: install
 
 # The autoscaler test stops every Ray on the machine, so it runs after the rest, on its own.
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not autoscaler"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not autoscaler" --durations=15
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m autoscaler
 
 # Benchmarks (never part of the tests); the decode comparison needs Debian's ffmpeg.
