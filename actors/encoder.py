@@ -299,9 +299,9 @@ class VAEEncoder:
 
 
 def cpu_threads(cfg: Config) -> int:
-    """torch's threads in a CPU encoder actor: --cpu-threads, else the CPUs Ray counts on this
-    node (``ray start --num-cpus``, or the container's CPU limit, where ``os.cpu_count()`` sees
-    the host's cores), at most the CPUs this process may run on.
+    """torch's threads in a CPU encoder actor (VAE or text): --cpu-threads, else the CPUs Ray
+    counts on this node (``ray start --num-cpus``, or the container's CPU limit, where
+    ``os.cpu_count()`` sees the host's cores), at most the CPUs this process may run on.
 
     Ray pins a 1-CPU actor to one thread; encoding is the bottleneck by far and the decode tasks
     are light beside it, so torch uses the node's CPUs. oneDNN splits its work by thread count,
@@ -317,7 +317,7 @@ def cpu_threads(cfg: Config) -> int:
             here = ray.get_runtime_context().get_node_id()
             counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
             if counted >= 1:
-                return max(1, min(usable, int(counted)))
+                return min(usable, int(counted))
     except Exception:  # noqa: BLE001 - Ray could not say: the CPUs this process may use
         pass
     return usable
