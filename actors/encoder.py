@@ -54,7 +54,8 @@ class VAEEncoder:
     tiling, and a clip that still does not fit gets a retryable row; anything else is the
     model's or the device's fault, never a clip's: the actor reports it to the run's ledger and
     ends its process, so Ray restarts it and retries the batch (a CUDA context cannot be trusted
-    after such an error), and the run stops once the retries are spent.
+    after such an error). The run stops when a fresh process meets the same cause again (the
+    ledger counts them), or once the batch's retries are spent.
     """
 
     @staticmethod
@@ -238,18 +239,22 @@ class VAEEncoder:
         except Exception as e:  # noqa: BLE001 - classified right here
             if failures.is_out_of_memory(e):
                 raise
-            self._report_systemic("encoding", e)
-            if self.ledger is not None:
+            if not self._report_systemic("encoding", e):
                 os._exit(1)  # Ray restarts the actor on a fresh process and retries the batch
+            # Met again on a fresh process (or outside a run): retrying cannot help. Ray does not
+            # retry an actor task's exception, so the dataset fails and the run stops.
             raise failures.SystemicFailure(f"{type(e).__name__}: {e}") from e
 
-    def _report_systemic(self, doing: str, e: BaseException) -> None:
+    def _report_systemic(self, doing: str, e: BaseException) -> bool:
+        """Tell the run's ledger; True when the run should stop now rather than retry the batch
+        on a fresh process (the ledger has seen this cause before; always outside a run)."""
         cause = f"{doing}: {type(e).__name__}: {_first_line(e)}"
         log.error("systemic failure while %s", cause)
-        if self.ledger is not None:
-            import ray
+        if self.ledger is None:
+            return True
+        import ray
 
-            ray.get(self.ledger.systemic.remote(cause))
+        return ray.get(self.ledger.systemic.remote(cause))
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":

@@ -14,6 +14,10 @@ from pipeline import stats
 # The guard judges only once this many inputs (or clips) have an outcome: a few early
 # failures in a sorted listing say little about the whole dataset.
 MIN_OUTCOMES_FOR_GUARD = 20
+# A systemic cause met this many times, each on a fresh encoder process, is the model's or the
+# device's for good: the run stops instead of spending the rest of the batch's retries (each one
+# a process start and a model load) on it.
+SYSTEMIC_REPEATS_TO_STOP = 2
 
 
 def guard_verdict(kind: str, ok: int, failed: Counter, max_rate: float) -> str | None:
@@ -37,6 +41,7 @@ class RunLedger:
         self.clips_ok, self.clips_failed = 0, Counter()
         self.stop: str | None = None
         self.cause: str | None = None
+        self.causes: Counter = Counter()  # systemic causes met, by their one-line text
         self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
         self.inputs_listed, self.inputs_already_done = 0, 0
         self.encoded: list[tuple[float, int]] = []  # (wall-clock time, clips encoded so far)
@@ -80,8 +85,12 @@ class RunLedger:
     def timeline(self) -> list[tuple[float, int]]:
         return list(self.encoded)
 
-    def systemic(self, cause: str) -> None:
+    def systemic(self, cause: str) -> bool:
+        """Record a systemic cause; True once the same cause has come SYSTEMIC_REPEATS_TO_STOP
+        times (a fresh process met it again, so retrying cannot help)."""
         self.cause = self.cause or cause  # the first cause; later ones are usually its echoes
+        self.causes[cause] += 1
+        return self.causes[cause] >= SYSTEMIC_REPEATS_TO_STOP
 
     def state(self) -> dict:
         return {"stop": self.stop, "cause": self.cause, "inputs_listed": self.inputs_listed,

@@ -8,6 +8,7 @@ import av
 import pyarrow.dataset as pads
 import pytest
 
+from actors import ledger
 from pipeline import decode, failures, layout, samples
 from pipeline.cli import main
 from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH
@@ -58,13 +59,18 @@ def good_videos(tmp_path_factory):
 
 
 def test_a_model_that_fails_on_every_clip_stops_the_run_and_marks_nothing_done(
-        ray_local, good_videos, tmp_path, capsys):
+        ray_local, good_videos, tmp_path, capsys, hooks):
+    """The batch is retried once on a fresh process; the same error there stops the run at once
+    instead of spending the rest of the retries (each a process start and a model load)."""
     broken = samples.make_tiny_vae(str(tmp_path / "four-channels"), in_channels=4)
     out = str(tmp_path / "out")
+    hooks.arm("encoder-start", "signal")
     assert main(["encode", good_videos, out, "--model", broken, *SHAPE]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("video-latents: run failed: the model or the device failed, not the inputs"), last
     assert "channels" in last and "encoding: RuntimeError" in last
+    assert hooks.arrivals("encoder-start") == ledger.SYSTEMIC_REPEATS_TO_STOP, \
+        "one encoder process per try: the first, then one restart that met the same error"
     assert layout.count_rows(out, layout.LATENTS_DIR) == 0 and layout.count_rows(out, layout.ERRORS_DIR) == 0
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
