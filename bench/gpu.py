@@ -20,6 +20,10 @@ short still leaves what it measured.
                       first encoded clip to the last, start-up excluded) against the isolated encode
   naive               bench.harness.naive_loop: the naive script, in a fresh process
   sweep               pipeline clips/s against batch size and actors per GPU (two actors take 0.5 GPU each)
+  levers              issue 11's levers that are a switch, each as the isolated encode with it flipped,
+                      against the isolated section (clips/s, and rel-L2 of the first batch's latents):
+                      the memory format (--memory-format; auto is contiguous on CUDA, channels_last_3d
+                      on the CPU, measured there)
 
 Without CUDA everything runs on the CPU with small shapes and tiny models, and the JSON says so
 (device_name "cpu", cpu_fallback true, mfu null; the FLOPs are still counted): that is how it is
@@ -42,7 +46,7 @@ import time
 import traceback
 
 REPORT_NAME = "gpu-bench.json"
-SECTIONS = ("environment", "family_correctness", "encoder_path", "isolated", "pipeline", "naive", "sweep")
+SECTIONS = ("environment", "family_correctness", "encoder_path", "isolated", "pipeline", "naive", "sweep", "levers")
 DEFAULT_BUDGET_S = 480.0  # a GPU lease is 15 minutes, machine start and installing the bundle included
 
 # Generated workload for isolated/pipeline/naive/sweep: (videos, clips per video).
@@ -88,8 +92,18 @@ def make_workload(device: str, videos: int, clips_per_video: int, root: str):
     return harness().make_workload(device, videos, clips_per_video, root=root, tiny=device == "cpu")
 
 
-def isolated_encode(workload, device: str, batch_size: int) -> dict:
-    return harness().isolated_encode(workload, device, batch_size, None)
+def isolated_encode(workload, device: str, batch_size: int, memory_format: str = "auto") -> dict:
+    """The harness's isolated encode; its first batch's latents come back as ``first_latents``."""
+    return harness().isolated_encode(workload, device, batch_size, None, memory_format=memory_format,
+                                     keep_first=True)
+
+
+def auto_memory_format(device: str) -> str:
+    """What --memory-format auto picks on this device (the encoder's rule)."""
+    from actors.encoder import _memory_format
+    from pipeline.config import Config
+
+    return _memory_format(Config(input="-", output="-", model="-"), device)
 
 
 def count_flops_per_clip(workload, device: str) -> int:
@@ -204,6 +218,7 @@ class Run:
         self._workload = None
         self.workload_info: dict | None = None
         self.results: dict[str, dict] = {}
+        self.first_latents = None  # the isolated section's first batch, for the levers section
 
     @property
     def batch_size(self) -> int:
@@ -428,6 +443,7 @@ def section_isolated(run: Run) -> dict:
     FLOPs of one clip as torch counts them, and what that makes per second against the card's peak."""
     w = run.workload()
     measured = isolated_encode(w, run.device, run.batch_size)
+    run.first_latents = measured.pop("first_latents")  # the levers section compares against them
     out = {"clip_shape": list(w.clip_shape), "clips": w.num_clips, "batch_size": run.batch_size,
            "dtype": "bfloat16" if run.device == "cuda" else "float32",
            "isolated_clips_per_s": measured["isolated_clips_per_s"]}
@@ -488,6 +504,22 @@ def section_sweep(run: Run) -> dict:
     if failed:
         raise PartialFailure({"points": rows}, f"{len(failed)} of {len(rows)} sweep points failed")
     return {"points": rows, "clips": w.num_clips}
+
+
+def section_levers(run: Run) -> dict:
+    """Each switchable lever flipped, one at a time, in the isolated encode (same clips, batch size
+    and dtype as the isolated section): how fast against the default, and how far its latents are
+    from the default's (the first batch, rel-L2)."""
+    w = run.workload()
+    base = run.results.get("isolated", {}).get("isolated_clips_per_s")
+    default = auto_memory_format(run.device)
+    other = "contiguous" if default == "channels_last_3d" else "channels_last_3d"
+    measured = isolated_encode(w, run.device, run.batch_size, memory_format=other)
+    got = {"default": default, "tried": other, "isolated_clips_per_s": round(measured["isolated_clips_per_s"], 4),
+           "vs_default": _ratio(measured["isolated_clips_per_s"], base),
+           "rel_l2_vs_default": None if run.first_latents is None
+           else rel_l2(measured["first_latents"], run.first_latents)}
+    return {"batch_size": run.batch_size, "clip_shape": list(w.clip_shape), "memory_format": got}
 
 
 def _ratio(a, b):

@@ -139,11 +139,15 @@ def _config(w: Workload, device: str, output: str, **kw) -> Config:
     return Config(**{**base, **kw})
 
 
-def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None) -> dict:
-    """(a) The actor's encode step on clips already decoded into memory: the ceiling."""
+def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None,
+                    memory_format: str = "auto", keep_first: bool = False) -> dict:
+    """(a) The actor's encode step on clips already decoded into memory: the ceiling. With
+    ``keep_first``, the first batch's latents come back too (``first_latents``, an array), to
+    compare a lever's values with the default's."""
     from actors.encoder import VAEEncoder
 
-    cfg, info = validate(_config(w, device, os.path.join(w.root, "iso-out"), batch_size=batch_size))
+    cfg, info = validate(_config(w, device, os.path.join(w.root, "iso-out"), batch_size=batch_size,
+                                 memory_format=memory_format))
     cfg = cfg.replace(dtype=dtype or ("bfloat16" if device == "cuda" else "float32"), num_actors=(1, 1))
     import av
 
@@ -154,7 +158,7 @@ def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None
     enc = VAEEncoder(cfg, info)
     frames = np.stack(clips)
     ids = [str(i) for i in range(len(clips))]
-    enc.encode(frames[:batch_size], ids[:batch_size])  # warm-up (cudnn autotune, allocator)
+    first = enc.encode(frames[:batch_size], ids[:batch_size])  # warm-up (cudnn autotune, allocator)
     _sync(device)
     start = time.perf_counter()
     for i in range(0, len(clips), batch_size):
@@ -162,6 +166,8 @@ def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None
     _sync(device)
     wall = time.perf_counter() - start
     result = {"isolated_clips_per_s": len(clips) / wall}
+    if keep_first:
+        result["first_latents"] = first["latents"]
     if device == "cuda":
         result.update(_flops(enc, frames[:1], wall / len(clips)))
     return result
