@@ -21,6 +21,9 @@ from pipeline.schema import IMAGE_PREFIX, RESOURCE, image_columns, tensor_column
 log = logging.getLogger(__name__)
 
 MAX_TASK_RETRIES = 5
+# Seconds an actor waits for the run's ledger to take a systemic cause before it falls back to
+# Ray's retries (the ledger is a CPU-less actor on the head node; it answers in milliseconds).
+LEDGER_TIMEOUT_S = 30
 
 
 def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
@@ -54,8 +57,8 @@ class VAEEncoder:
     tiling, and a clip that still does not fit gets a retryable row; anything else is the
     model's or the device's fault, never a clip's: the actor reports it to the run's ledger and
     ends its process, so Ray restarts it and retries the batch (a CUDA context cannot be trusted
-    after such an error). The run stops when a fresh process meets the same cause again (the
-    ledger counts them), or once the batch's retries are spent.
+    after such an error). The run stops when the restarted process meets the same cause before
+    it completes a batch (the ledger counts them), or once a batch's retries are spent.
     """
 
     @staticmethod
@@ -77,6 +80,7 @@ class VAEEncoder:
         self.torch = torch
         self.cfg = cfg
         self.ledger = ledger  # None outside a run (tests, benchmarks): failures raise instead
+        self.actor_id = None  # in a run: this actor's Ray id, which its restarts keep
         self.device = torch.device(hooks.compute_device(cfg.device))
         self.dtype = getattr(torch, cfg.dtype)
         self.latent_dtype = getattr(torch, cfg.latent_dtype)
@@ -89,6 +93,7 @@ class VAEEncoder:
             import ray
 
             ray.get(ledger.register.remote(ray.get_runtime_context().current_actor))
+            self.actor_id = ray.get_runtime_context().get_actor_id()
         try:
             self.vae = load_vae(cfg, info, str(self.device))
         except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
@@ -135,6 +140,7 @@ class VAEEncoder:
                 self.encode(blank, [f"fit-{i}" for i in range(size)])
             except Exception as e:  # noqa: BLE001 - out of memory ends the search; anything else is real
                 if not failures.is_out_of_memory(e):
+                    self._report_systemic("encoding (sizing the batch)", e)
                     raise
                 break
             finally:
@@ -239,22 +245,29 @@ class VAEEncoder:
         except Exception as e:  # noqa: BLE001 - classified right here
             if failures.is_out_of_memory(e):
                 raise
-            if not self._report_systemic("encoding", e):
+            stop_now = self._report_systemic("encoding", e, self.actor_id)
+            if self.ledger is not None and not stop_now:
                 os._exit(1)  # Ray restarts the actor on a fresh process and retries the batch
-            # Met again on a fresh process (or outside a run): retrying cannot help. Ray does not
-            # retry an actor task's exception, so the dataset fails and the run stops.
+            # This actor's process before this one met this error too, with no batch done in
+            # between (or this is outside a run): retrying cannot help. Ray does not retry an actor task's exception,
+            # so the dataset fails and the run stops.
             raise failures.SystemicFailure(f"{type(e).__name__}: {e}") from e
 
-    def _report_systemic(self, doing: str, e: BaseException) -> bool:
-        """Tell the run's ledger; True when the run should stop now rather than retry the batch
-        on a fresh process (the ledger has seen this cause before; always outside a run)."""
-        cause = f"{doing}: {type(e).__name__}: {_first_line(e)}"
+    def _report_systemic(self, doing: str, e: BaseException, actor: str | None = None) -> bool:
+        """Tell the run's ledger; True when the run should stop now rather than restart ``actor``
+        (see RunLedger.systemic). A ledger that does not answer leaves the batch to Ray's
+        retries, which are capped."""
+        cause = f"{doing}: {type(e).__name__}: {failures.first_line(e)}"
         log.error("systemic failure while %s", cause)
         if self.ledger is None:
-            return True
+            return False
         import ray
 
-        return ray.get(self.ledger.systemic.remote(cause))
+        try:
+            return bool(ray.get(self.ledger.systemic.remote(cause, actor), timeout=LEDGER_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
+            log.exception("the run's ledger did not take the cause")
+            return False
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
@@ -298,7 +311,7 @@ class VAEEncoder:
             return
         import ray
 
-        stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as, moments))
+        stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as, moments, self.actor_id))
         if stop:
             raise failures.GuardTripped(stop)
 
@@ -376,10 +389,6 @@ def _memory_format(cfg: Config, device_type: str) -> str:
     # On CPU, oneDNN's 3-D convolutions run 1.2x faster channels-last (BENCHMARKS.md); on CUDA
     # contiguous stays the default until measured there.
     return "channels_last_3d" if device_type == "cpu" else "contiguous"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
 
 
 def _same_shape_groups(frames) -> list[list[int]]:

@@ -14,9 +14,10 @@ from pipeline import stats
 # The guard judges only once this many inputs (or clips) have an outcome: a few early
 # failures in a sorted listing say little about the whole dataset.
 MIN_OUTCOMES_FOR_GUARD = 20
-# A systemic cause met this many times, each on a fresh encoder process, is the model's or the
-# device's for good: the run stops instead of spending the rest of the batch's retries (each one
-# a process start and a model load) on it.
+# An encoder actor that meets the same systemic cause this many times in a row, each time on a
+# fresh process (Ray restarts it and retries its batches), meets the model's or the device's
+# fault for good: the run stops instead of spending the rest of the retries (each one a process
+# start and a model load) on it. A batch the actor completes in between ends the streak.
 SYSTEMIC_REPEATS_TO_STOP = 2
 
 
@@ -41,7 +42,7 @@ class RunLedger:
         self.clips_ok, self.clips_failed = 0, Counter()
         self.stop: str | None = None
         self.cause: str | None = None
-        self.causes: Counter = Counter()  # systemic causes met, by their one-line text
+        self.causes: Counter = Counter()  # systemic causes met in a row, by (encoder actor, one-line text)
         self.actors: dict = {}  # the run's encoder actors, by id: ended with the run
         self.inputs_listed, self.inputs_already_done = 0, 0
         self.encoded: list[tuple[float, int]] = []  # (wall-clock time, clips encoded so far)
@@ -71,9 +72,13 @@ class RunLedger:
         self.stop = self.stop or guard_verdict("inputs", self.inputs_ok, self.inputs_failed, self.max_rate)
         return self.stop
 
-    def clip_outcomes(self, ok: int, failed_as: list[str], moments: dict | None = None) -> str | None:
-        """Clips encoded and failed in one batch, with the moments of the latents stored
-        (pipeline.stats); returns the reason to stop the run when the guard trips."""
+    def clip_outcomes(self, ok: int, failed_as: list[str], moments: dict | None = None,
+                      actor: str | None = None) -> str | None:
+        """Clips encoded and failed in one batch by ``actor``, with the moments of the latents
+        stored (pipeline.stats); returns the reason to stop the run when the guard trips."""
+        if actor is not None:  # a completed batch ends the actor's streak of systemic failures
+            for key in [k for k in self.causes if k[0] == actor]:
+                del self.causes[key]
         if moments:
             self.moments = stats.merge(self.moments, moments)
         self.clips_ok += ok
@@ -85,12 +90,19 @@ class RunLedger:
     def timeline(self) -> list[tuple[float, int]]:
         return list(self.encoded)
 
-    def systemic(self, cause: str) -> bool:
-        """Record a systemic cause; True once the same cause has come SYSTEMIC_REPEATS_TO_STOP
-        times (a fresh process met it again, so retrying cannot help)."""
+    def systemic(self, cause: str, actor: str | None = None) -> bool:
+        """Record a systemic cause met by encoder ``actor`` (None: a task, not retried here).
+        True once that actor has met this cause SYSTEMIC_REPEATS_TO_STOP times in a row: its
+        restart did not help, the run stops, and this is the cause it names. Other actors count
+        apart, so one GPU's passing fault, retried and recovered, never stops the run for another's."""
         self.cause = self.cause or cause  # the first cause; later ones are usually its echoes
-        self.causes[cause] += 1
-        return self.causes[cause] >= SYSTEMIC_REPEATS_TO_STOP
+        if actor is None:
+            return False
+        self.causes[(actor, cause)] += 1
+        if self.causes[(actor, cause)] < SYSTEMIC_REPEATS_TO_STOP:
+            return False
+        self.cause = cause
+        return True
 
     def state(self) -> dict:
         return {"stop": self.stop, "cause": self.cause, "inputs_listed": self.inputs_listed,

@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from pipeline import storage
+from pipeline import failures, storage
 from pipeline.commands import export
 from pipeline.config import (DEFAULT_EXTENSIONS, DEVICES, DTYPES, LATENT_DTYPES, LATENT_MODES, MEMORY_FORMATS,
                              RESIZE_MODES, Config, ConfigError, validate)
@@ -270,14 +270,10 @@ def encode(cfg: Config) -> int:
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - the run failed: say so, with the trace for a bug report
         traceback.print_exc()
-        print(f"video-latents: run failed: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        print(f"video-latents: run failed: {type(e).__name__}: {failures.first_line(e, None)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(summary))
     return EXIT_OK
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def main(argv: list[str] | None = None) -> int:

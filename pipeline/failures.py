@@ -18,6 +18,13 @@ from pipeline.schema import INPUT, RESOURCE, TRANSIENT
 
 SYSTEMIC = "systemic"
 
+
+def first_line(e: BaseException, limit: int | None = 500) -> str:
+    """An exception's message on one line, for a one-line cause (its type name when empty), cut
+    at ``limit`` characters (None: whole)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 # What the S3 client (pyarrow's AWS SDK) and sockets say when the fault is the service's or the
 # network's: retried, never held against the input.
 _TRANSIENT_MARKERS = (

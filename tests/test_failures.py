@@ -60,12 +60,12 @@ def good_videos(tmp_path_factory):
 
 def test_a_model_that_fails_on_every_clip_stops_the_run_and_marks_nothing_done(
         ray_local, good_videos, tmp_path, capsys, hooks):
-    """The batch is retried once on a fresh process; the same error there stops the run at once
+    """The actor is restarted once; its fresh process meeting the same error stops the run at once
     instead of spending the rest of the retries (each a process start and a model load)."""
     broken = samples.make_tiny_vae(str(tmp_path / "four-channels"), in_channels=4)
     out = str(tmp_path / "out")
     hooks.arm("encoder-start", "signal")
-    assert main(["encode", good_videos, out, "--model", broken, *SHAPE]) == 1
+    assert main(["encode", good_videos, out, "--model", broken, *SHAPE, "--device", "cpu"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("video-latents: run failed: the model or the device failed, not the inputs"), last
     assert "channels" in last and "encoding: RuntimeError" in last
@@ -80,6 +80,23 @@ def test_a_model_that_fails_on_every_clip_stops_the_run_and_marks_nothing_done(
     samples.make_tiny_vae(broken)
     assert main(["encode", good_videos, out, "--model", broken, *SHAPE]) == 0
     assert layout.count_rows(out, layout.LATENTS_DIR) == 6
+
+
+def test_the_ledger_stops_a_run_only_when_an_actor_meets_the_same_cause_again_in_a_row():
+    book = ledger.RunLedger(max_error_rate=1.0)
+    x, y = "encoding: RuntimeError: CUDA error: X", "encoding: RuntimeError: CUDA error: Y"
+    assert not book.systemic("decoding: ImportError: no av")  # a task, not an actor: only recorded
+    assert not book.systemic(x, "actor-a")
+    # Another actor meeting it is not actor a's restart failing again; another cause is not the same.
+    assert not book.systemic(x, "actor-b") and not book.systemic(y, "actor-a")
+    # A batch completed in between ends the streak: a passing fault that its retry got past must
+    # not stop the run when it comes back hours later.
+    book.clip_outcomes(2, [], None, "actor-a")
+    assert not book.systemic(x, "actor-a")
+    assert book.state()["cause"] == "decoding: ImportError: no av"
+    assert book.systemic(x, "actor-a")
+    assert book.state()["cause"] == x  # the one that stopped the run
+    assert book.systemic(x, "actor-b")  # b's streak was not ended: it met x before
 
 
 def test_a_model_that_fails_to_load_stops_the_run(ray_local, good_videos, tmp_path, capsys):
