@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
                       "cli_vs_naive_per_pair": [round(r["naive_wall_s"] / r["cli_wall_s"], 3) for r in runs],
                       "isolated_clips_per_s": round(isolated, 3),
                       "cli_steady_clips_per_s": statistics.median(r["cli_steady_clips_per_s"] for r in runs),
-                      # each run's steady state against the isolated encode measured right after it
+                      # each run's steady state against the isolated encode measured after its pair
                       "pipeline_vs_isolated_steady_per_run": [r["steady_vs_isolated"] for r in runs],
                       "pipeline_vs_isolated_steady": statistics.median(r["steady_vs_isolated"] for r in runs)}
             print(json.dumps(result))

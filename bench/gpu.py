@@ -19,11 +19,14 @@ short still leaves what it measured.
                       this machine's CPUs: clips/s over the whole run, and in steady state (from the
                       first encoded clip to the last, start-up excluded) against the isolated encode
   naive               bench.harness.naive_loop: the naive script, in a fresh process
-  sweep               pipeline clips/s against batch size and actors per GPU (two actors take 0.5 GPU each)
-  levers              issue 11's levers that are a switch, each as the isolated encode with it flipped,
-                      against the isolated section (clips/s, and rel-L2 of the first batch's latents):
-                      the memory format (--memory-format; auto is contiguous on CUDA, channels_last_3d
-                      on the CPU, measured there)
+  levers              issue 11's levers that are a switch, each flipped in the isolated encode and
+                      measured back to back with the default, twice each (A B A B): clips/s, and
+                      rel-L2 of the first batch's latents against the default's, with the default's
+                      own rerun as the noise floor (cudnn.benchmark may pick other algorithms): the
+                      memory format (--memory-format; auto keeps contiguous on CUDA until this
+                      measures it, channels_last_3d on the CPU, measured there)
+  sweep               pipeline clips/s against batch size and actors per GPU (two actors take 0.5 GPU
+                      each); last, as it takes what is left of the budget
 
 Without CUDA everything runs on the CPU with small shapes and tiny models, and the JSON says so
 (device_name "cpu", cpu_fallback true, mfu null; the FLOPs are still counted): that is how it is
@@ -40,13 +43,14 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
 import traceback
 
 REPORT_NAME = "gpu-bench.json"
-SECTIONS = ("environment", "family_correctness", "encoder_path", "isolated", "pipeline", "naive", "sweep", "levers")
+SECTIONS = ("environment", "family_correctness", "encoder_path", "isolated", "pipeline", "naive", "levers", "sweep")
 DEFAULT_BUDGET_S = 480.0  # a GPU lease is 15 minutes, machine start and installing the bundle included
 
 # Generated workload for isolated/pipeline/naive/sweep: (videos, clips per video).
@@ -92,10 +96,10 @@ def make_workload(device: str, videos: int, clips_per_video: int, root: str):
     return harness().make_workload(device, videos, clips_per_video, root=root, tiny=device == "cpu")
 
 
-def isolated_encode(workload, device: str, batch_size: int, memory_format: str = "auto") -> dict:
+def isolated_encode(workload, device: str, batch_size: int, memory_format: str = "auto", flops: bool = True) -> dict:
     """The harness's isolated encode; its first batch's latents come back as ``first_latents``."""
     return harness().isolated_encode(workload, device, batch_size, None, memory_format=memory_format,
-                                     keep_first=True)
+                                     keep_first=True, flops=flops)
 
 
 def auto_memory_format(device: str) -> str:
@@ -218,7 +222,6 @@ class Run:
         self._workload = None
         self.workload_info: dict | None = None
         self.results: dict[str, dict] = {}
-        self.first_latents = None  # the isolated section's first batch, for the levers section
 
     @property
     def batch_size(self) -> int:
@@ -443,7 +446,7 @@ def section_isolated(run: Run) -> dict:
     FLOPs of one clip as torch counts them, and what that makes per second against the card's peak."""
     w = run.workload()
     measured = isolated_encode(w, run.device, run.batch_size)
-    run.first_latents = measured.pop("first_latents")  # the levers section compares against them
+    measured.pop("first_latents")
     out = {"clip_shape": list(w.clip_shape), "clips": w.num_clips, "batch_size": run.batch_size,
            "dtype": "bfloat16" if run.device == "cuda" else "float32",
            "isolated_clips_per_s": measured["isolated_clips_per_s"]}
@@ -508,17 +511,23 @@ def section_sweep(run: Run) -> dict:
 
 def section_levers(run: Run) -> dict:
     """Each switchable lever flipped, one at a time, in the isolated encode (same clips, batch size
-    and dtype as the isolated section): how fast against the default, and how far its latents are
-    from the default's (the first batch, rel-L2)."""
+    and dtype as the isolated section), measured back to back with the default: A B A B, so the
+    machine's drift falls on both. Clips/s of each, and how far the lever's latents are from the
+    default's (the first batch, rel-L2), beside the default's distance from its own rerun."""
     w = run.workload()
-    base = run.results.get("isolated", {}).get("isolated_clips_per_s")
     default = auto_memory_format(run.device)
     other = "contiguous" if default == "channels_last_3d" else "channels_last_3d"
-    measured = isolated_encode(w, run.device, run.batch_size, memory_format=other)
-    got = {"default": default, "tried": other, "isolated_clips_per_s": round(measured["isolated_clips_per_s"], 4),
-           "vs_default": _ratio(measured["isolated_clips_per_s"], base),
-           "rel_l2_vs_default": None if run.first_latents is None
-           else rel_l2(measured["first_latents"], run.first_latents)}
+    runs = {default: [], other: []}
+    for fmt in (default, other, default, other):
+        runs[fmt].append(isolated_encode(w, run.device, run.batch_size, memory_format=fmt, flops=False))
+        release_memory(run.device)
+    speed = {fmt: round(statistics.median(r["isolated_clips_per_s"] for r in rs), 4) for fmt, rs in runs.items()}
+    base = runs[default][0]["first_latents"]
+    got = {"default": default, "tried": other, "runs_each": 2,
+           "default_clips_per_s": speed[default], "tried_clips_per_s": speed[other],
+           "vs_default": _ratio(speed[other], speed[default]),
+           "rel_l2_vs_default": rel_l2(runs[other][0]["first_latents"], base),
+           "rel_l2_default_rerun": rel_l2(runs[default][1]["first_latents"], base)}
     return {"batch_size": run.batch_size, "clip_shape": list(w.clip_shape), "memory_format": got}
 
 

@@ -140,10 +140,10 @@ def _config(w: Workload, device: str, output: str, **kw) -> Config:
 
 
 def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None,
-                    memory_format: str = "auto", keep_first: bool = False) -> dict:
+                    memory_format: str = "auto", keep_first: bool = False, flops: bool = True) -> dict:
     """(a) The actor's encode step on clips already decoded into memory: the ceiling. With
     ``keep_first``, the first batch's latents come back too (``first_latents``, an array), to
-    compare a lever's values with the default's."""
+    compare a lever's values with the default's; ``flops`` (CUDA): count one clip's FLOPs."""
     from actors.encoder import VAEEncoder
 
     cfg, info = validate(_config(w, device, os.path.join(w.root, "iso-out"), batch_size=batch_size,
@@ -168,7 +168,7 @@ def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None
     result = {"isolated_clips_per_s": len(clips) / wall}
     if keep_first:
         result["first_latents"] = first["latents"]
-    if device == "cuda":
+    if device == "cuda" and flops:
         result.update(_flops(enc, frames[:1], wall / len(clips)))
     return result
 
