@@ -245,22 +245,21 @@ class VAEEncoder:
         except Exception as e:  # noqa: BLE001 - classified right here
             if failures.is_out_of_memory(e):
                 raise
-            stop_now = self._report_systemic("encoding", e, self.actor_id)
-            if self.ledger is not None and not stop_now:
+            if not self._report_systemic("encoding", e, self.actor_id):
                 os._exit(1)  # Ray restarts the actor on a fresh process and retries the batch
             # This actor's process before this one met this error too, with no batch done in
-            # between (or this is outside a run): retrying cannot help. Ray does not retry an actor task's exception,
-            # so the dataset fails and the run stops.
+            # between (or this is outside a run): retrying cannot help. Ray does not retry an
+            # actor task's exception, so the dataset fails and the run stops.
             raise failures.SystemicFailure(f"{type(e).__name__}: {e}") from e
 
     def _report_systemic(self, doing: str, e: BaseException, actor: str | None = None) -> bool:
         """Tell the run's ledger; True when the run should stop now rather than restart ``actor``
-        (see RunLedger.systemic). A ledger that does not answer leaves the batch to Ray's
-        retries, which are capped."""
-        cause = f"{doing}: {type(e).__name__}: {failures.first_line(e)}"
+        (see RunLedger.systemic), as always outside a run, where nothing would restart it. A
+        ledger that does not answer leaves the batch to Ray's retries, which are capped."""
+        cause = failures.systemic_cause(doing, e)
         log.error("systemic failure while %s", cause)
         if self.ledger is None:
-            return False
+            return True
         import ray
 
         try:

@@ -96,10 +96,14 @@ def make_workload(device: str, videos: int, clips_per_video: int, root: str):
     return harness().make_workload(device, videos, clips_per_video, root=root, tiny=device == "cpu")
 
 
-def isolated_encode(workload, device: str, batch_size: int, memory_format: str = "auto", flops: bool = True) -> dict:
-    """The harness's isolated encode; its first batch's latents come back as ``first_latents``."""
-    return harness().isolated_encode(workload, device, batch_size, None, memory_format=memory_format,
-                                     keep_first=True, flops=flops)
+def isolated_encode(workload, device: str, batch_size: int, lever_format: str | None = None) -> dict:
+    """The harness's isolated encode. For the levers section (``lever_format``: the memory format
+    to run with), its first batch's latents come back too, as ``first_latents``, and no FLOPs are
+    counted (the isolated section has them)."""
+    if lever_format is None:
+        return harness().isolated_encode(workload, device, batch_size, None)
+    return harness().isolated_encode(workload, device, batch_size, None, memory_format=lever_format,
+                                     keep_first=True, flops=False)
 
 
 def auto_memory_format(device: str) -> str:
@@ -446,7 +450,6 @@ def section_isolated(run: Run) -> dict:
     FLOPs of one clip as torch counts them, and what that makes per second against the card's peak."""
     w = run.workload()
     measured = isolated_encode(w, run.device, run.batch_size)
-    measured.pop("first_latents")
     out = {"clip_shape": list(w.clip_shape), "clips": w.num_clips, "batch_size": run.batch_size,
            "dtype": "bfloat16" if run.device == "cuda" else "float32",
            "isolated_clips_per_s": measured["isolated_clips_per_s"]}
@@ -519,7 +522,7 @@ def section_levers(run: Run) -> dict:
     other = "contiguous" if default == "channels_last_3d" else "channels_last_3d"
     runs = {default: [], other: []}
     for fmt in (default, other, default, other):
-        runs[fmt].append(isolated_encode(w, run.device, run.batch_size, memory_format=fmt, flops=False))
+        runs[fmt].append(isolated_encode(w, run.device, run.batch_size, lever_format=fmt))
         release_memory(run.device)
     speed = {fmt: round(statistics.median(r["isolated_clips_per_s"] for r in rs), 4) for fmt, rs in runs.items()}
     base = runs[default][0]["first_latents"]

@@ -270,7 +270,7 @@ def encode(cfg: Config) -> int:
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - the run failed: say so, with the trace for a bug report
         traceback.print_exc()
-        print(f"video-latents: run failed: {type(e).__name__}: {failures.first_line(e, None)}", file=sys.stderr)
+        print(f"video-latents: run failed: {type(e).__name__}: {failures.first_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(summary))
     return EXIT_OK

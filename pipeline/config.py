@@ -222,12 +222,12 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
         try:
             cfg = cfg.replace(extra_columns=sources.manifest_extra_columns(cfg))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--manifest {cfg.manifest}: {failures.first_line(e, None)}") from None
+            raise ConfigError(f"--manifest {cfg.manifest}: {failures.first_line(e)}") from None
     else:
         try:
             _check(storage.exists(cfg.input, cfg.s3), f"INPUT {cfg.input} does not exist")
         except OSError as e:
-            raise ConfigError(f"INPUT {cfg.input} cannot be read: {failures.first_line(e, None)}") from None
+            raise ConfigError(f"INPUT {cfg.input} cannot be read: {failures.first_line(e)}") from None
     try:
         info = inspect_model(cfg.model, cfg.subfolder, cfg.s3)
     except ModelError as e:
@@ -242,7 +242,7 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
         try:
             info = dataclasses.replace(info, text=inspect_text(cfg, info.class_name))
         except (TextError, OSError) as e:
-            raise ConfigError(failures.first_line(e, None)) from None
+            raise ConfigError(failures.first_line(e)) from None
     _check_output(cfg)
     return cfg.replace(subfolder=info.subfolder), info
 
@@ -251,4 +251,4 @@ def _check_output(cfg: Config) -> None:
     try:
         storage.exists(cfg.output, cfg.s3)
     except OSError as e:
-        raise ConfigError(f"OUTPUT {cfg.output} cannot be reached: {failures.first_line(e, None)}") from None
+        raise ConfigError(f"OUTPUT {cfg.output} cannot be reached: {failures.first_line(e)}") from None

@@ -397,7 +397,7 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
                 if ledger is not None:
                     import ray
 
-                    ray.get(ledger.systemic.remote(f"decoding: {type(e).__name__}: {failures.first_line(e)}"))
+                    ray.get(ledger.systemic.remote(failures.systemic_cause("decoding", e)))
                 raise
             if error_class == TRANSIENT and attempt < TRANSIENT_RETRIES:
                 time.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)

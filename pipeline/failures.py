@@ -19,10 +19,15 @@ from pipeline.schema import INPUT, RESOURCE, TRANSIENT
 SYSTEMIC = "systemic"
 
 
-def first_line(e: BaseException, limit: int | None = 500) -> str:
-    """An exception's message on one line, for a one-line cause (its type name when empty), cut
-    at ``limit`` characters (None: whole)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+def first_line(e: BaseException) -> str:
+    """An exception's message on one line, for a one-line message (its type name when empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def systemic_cause(doing: str, e: BaseException) -> str:
+    """A systemic failure as the run's ledger keeps it and the driver names it (and as the ledger
+    compares two of them): what was being done, the exception's type and first line."""
+    return f"{doing}: {type(e).__name__}: {first_line(e)[:500]}"
 
 
 # What the S3 client (pyarrow's AWS SDK) and sockets say when the fault is the service's or the

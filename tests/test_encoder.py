@@ -155,7 +155,7 @@ def test_out_of_memory_alone_then_tiling_then_a_retryable_error_row(tiny_vae, tm
 def test_a_model_that_fails_is_systemic_not_the_clips_fault(tmp_path):
     """A VAE built for 4 input channels fails on every RGB clip: that is the model's fault, so no
     clip gets an error row; outside a run the encoder raises (in a run its actor restarts, and
-    the run stops when the restarted one meets the same error on the same batch)."""
+    the run stops when the restarted one meets the same error before it completes a batch)."""
     from pipeline.failures import SystemicFailure
 
     model = samples.make_tiny_vae(str(tmp_path / "m4"), in_channels=4)
