@@ -243,6 +243,10 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_starte
                                             state["clips_nonfinite"])
     except Exception as e:
         state = _ledger_state(ledger)
+        if state is None:  # before the actor-death check: the ledger's own death is one too
+            raise failures.RunFailed(
+                "the run's ledger (its bookkeeping actor, on the head node) is gone, so the run "
+                "stopped; the files in OUTPUT are whole and kept: rerun the same command to go on") from e
         if state.get("stop"):
             raise failures.RunFailed(state["stop"]) from e
         if state.get("cause"):
@@ -260,13 +264,14 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_starte
     return timeline
 
 
-def _ledger_state(ledger) -> dict:
+def _ledger_state(ledger) -> dict | None:
+    """The ledger's state, {} when it does not answer in time, None when its actor is gone."""
     import ray
 
     try:
         return ray.get(ledger.state.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - the ledger is a witness; without it, report the error as is
-        return {}
+    except Exception as e:  # noqa: BLE001 - the ledger is a witness; without it, report the error as is
+        return None if _is_actor_death(e) else {}
 
 
 def _is_actor_death(e: BaseException) -> bool:

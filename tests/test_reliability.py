@@ -158,6 +158,36 @@ def test_killed_driver_then_rerun_gives_exactly_the_clean_result(point, clean_ru
     every_parquet_file_is_whole(out)
 
 
+def _ray_process(tmpdir: str, title: str) -> int:
+    """The pid of the live process of a driver's local Ray whose title is ``title``."""
+    for pid in _ray_session_alive(tmpdir):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read().split(b"\0")[0].decode().startswith(title):
+                return pid
+    raise AssertionError(f"no live {title} process")
+
+
+def test_a_lost_ledger_stops_the_run_and_says_so(inputs, tiny_vae, tmp_path):
+    """The run's ledger dies while an encoder call is under way; the encoder then dies too, and
+    its restart finds no ledger: the run stops with exit 1 and a line naming the ledger (not "an
+    encoder actor died 6 times"), no _SUCCESS, and every file in OUTPUT whole."""
+    out = str(tmp_path / "out")
+    hooks = Hooks()
+    hooks.arm("encode", "block", first=1, last=1)
+    driver = Driver(["encode", inputs, out, "--model", tiny_vae, *SHAPE], hooks)
+    encoder_pid = int(hooks.wait("encode", proc=driver.proc, log=driver.log)["encode"][2])
+    os.kill(_ray_process(driver.tmpdir, "ray::RunLedger"), signal.SIGKILL)
+    os.kill(encoder_pid, signal.SIGKILL)
+    code = driver.wait()
+    hooks.close()
+    # Ray's own log lines, forwarded to the driver, may come after the run's one line.
+    said = [line for line in driver.output().splitlines() if line.startswith("video-latents: run failed:")]
+    assert code == 1 and len(said) == 1, driver.output()[-3000:]
+    assert said[0].startswith("video-latents: run failed: the run's ledger"), said[0]
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    every_parquet_file_is_whole(out)
+
+
 def test_an_encoder_actor_dying_mid_batch_is_restarted_and_its_batch_retried(
         ray_local, clean_run, inputs, tiny_vae, tmp_path, hooks):
     hooks.arm("encode", "crash", first=1, last=1)  # the first encoder call kills its process
