@@ -54,10 +54,10 @@ def make_inputs(root: str, videos: int, clips_per_video: int, endpoint: str) -> 
 
 
 def run_cli(model: str, shape, endpoint: str, output: str, extra: list[str] = (), env: dict | None = None) -> dict:
-    """One CLI run, timed from outside. Start-up is measured to the first clip through the moment
-    the summary line arrives (unbuffered stdout): the run's own clock starts inside the process,
-    after the imports, and the process lives on after the summary while Ray shuts down, so the
-    wall time minus the run's time is neither."""
+    """One CLI run, timed from outside. The run's own clock starts inside the process, after its
+    imports, and the process lives on after the summary while Ray shuts down; so the run's start
+    is placed by the moment its summary line arrives (unbuffered stdout) less the run's own time,
+    and start-up is that plus the first clip's time."""
     f, h, w = shape
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "encode", "s3://bench/in", f"s3://bench/{output}",
@@ -78,7 +78,7 @@ def run_cli(model: str, shape, endpoint: str, output: str, extra: list[str] = ()
     stderr = "".join(err)
     if proc.returncode or summary_at is None:
         raise RuntimeError(stderr[-3000:])
-    summary = json.loads(lines[-1] if lines[-1].startswith("{") else next(x for x in reversed(lines) if x.startswith("{")))
+    summary = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
     run_started = summary_at - start - summary["wall_time_s"]  # seconds after the process started
     plan = next((line for line in stderr.splitlines() if "plan:" in line), "")
     return {"cli_wall_s": round(wall, 2), "cli_clips": summary["clips"], "cli_run_s": summary["wall_time_s"],
