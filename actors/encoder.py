@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 
+from actors.ledger import ANSWER_TIMEOUT_S
 from pipeline import failures, hooks, sink, stats
 from pipeline.config import GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size
 from pipeline.model import ModelInfo, local_model_dir
@@ -21,9 +22,6 @@ from pipeline.schema import IMAGE_PREFIX, RESOURCE, image_columns, tensor_column
 log = logging.getLogger(__name__)
 
 MAX_TASK_RETRIES = 5
-# Seconds an actor waits for the run's ledger to take a systemic cause before it falls back to
-# Ray's retries (the ledger is a CPU-less actor on the head node; it answers in milliseconds).
-LEDGER_TIMEOUT_S = 30
 
 
 def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
@@ -263,7 +261,7 @@ class VAEEncoder:
         import ray
 
         try:
-            return bool(ray.get(self.ledger.systemic.remote(cause, actor), timeout=LEDGER_TIMEOUT_S))
+            return bool(ray.get(self.ledger.systemic.remote(cause, actor), timeout=ANSWER_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
             log.exception("the run's ledger did not take the cause")
             return False

@@ -19,6 +19,9 @@ MIN_OUTCOMES_FOR_GUARD = 20
 # fault for good: the run stops instead of spending the rest of the retries (each one a process
 # start and a model load) on it. A batch the actor completes in between ends the streak.
 SYSTEMIC_REPEATS_TO_STOP = 2
+# Seconds anyone waits for the ledger's answer before going on without it (it is a CPU-less
+# actor on the head node and answers in milliseconds; one that does not is gone or stuck).
+ANSWER_TIMEOUT_S = 30
 
 
 def guard_verdict(kind: str, ok: int, failed: Counter, max_rate: float) -> str | None:
@@ -117,7 +120,7 @@ def end(ledger) -> None:
     import ray
 
     try:
-        actors = ray.get(ledger.registered.remote(), timeout=30)
+        actors = ray.get(ledger.registered.remote(), timeout=ANSWER_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - a ledger that is gone took its handles with it
         actors = []
     for actor in actors:

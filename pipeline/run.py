@@ -13,6 +13,7 @@ import warnings
 if __package__ in (None, ""):  # run as a script: make the absolute imports below resolvable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from actors.ledger import ANSWER_TIMEOUT_S  # noqa: E402
 from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans, stats  # noqa: E402
 from pipeline.config import Config, data_batch_size, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
@@ -126,7 +127,7 @@ class Timeline:
             import ray
 
             try:
-                encoded = ray.get(self.ledger.timeline.remote(), timeout=30)
+                encoded = ray.get(self.ledger.timeline.remote(), timeout=ANSWER_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - the report's plot is a courtesy; keep the run's own error
                 return
             self.timeline = [(0.0, 0)] + [(round(t - self.run_started, 3), n) for t, n in encoded]
@@ -145,7 +146,7 @@ class Timeline:
 
         while not self._stop.wait(PROGRESS_EVERY_S):
             try:
-                state = ray.get(self.ledger.state.remote(), timeout=30)
+                state = ray.get(self.ledger.state.remote(), timeout=ANSWER_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - a summary line is a courtesy; the run goes on
                 continue
             print(self.line(state, time.perf_counter()), file=sys.stderr, flush=True)
@@ -269,7 +270,7 @@ def _ledger_state(ledger) -> dict | None:
     import ray
 
     try:
-        return ray.get(ledger.state.remote(), timeout=30)
+        return ray.get(ledger.state.remote(), timeout=ANSWER_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - the ledger is a witness; without it, report the error as is
         return None if _is_actor_death(e) else {}
 
