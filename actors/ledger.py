@@ -50,6 +50,8 @@ class RunLedger:
         self.inputs_listed, self.inputs_already_done = 0, 0
         self.encoded: list[tuple[float, int]] = []  # (wall-clock time, clips encoded so far)
         self.moments: dict | None = None  # of the stored latents, per channel (pipeline.stats)
+        # Decode attempts that began and recorded no outcome yet, by unit: the node of each.
+        self.attempts: dict[str, list[str]] = {}
 
     def listed(self, inputs: int, already_done: int) -> None:
         """A page of the listing went by: so many inputs, so many of them done by earlier runs."""
@@ -65,9 +67,19 @@ class RunLedger:
     def registered(self) -> list:
         return list(self.actors.values())
 
-    def input_outcome(self, failed_as: str | None) -> str | None:
+    def decode_attempt(self, unit: str, node: str) -> list[str]:
+        """A decode task begins on ``unit`` (an input or part) on ``node``; returns the nodes of
+        the earlier attempts that began and recorded no outcome: their process died."""
+        earlier = self.attempts.setdefault(unit, [])
+        before = list(earlier)
+        earlier.append(node)
+        return before
+
+    def input_outcome(self, failed_as: str | None, unit: str | None = None) -> str | None:
         """One input done (``failed_as`` None) or failed (``stage/ErrorType``); returns the
         reason to stop the run when the guard trips."""
+        if unit is not None:
+            self.attempts.pop(unit, None)
         if failed_as is None:
             self.inputs_ok += 1
         else:

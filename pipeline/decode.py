@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import failures, hooks, sink, storage, text
+from pipeline import failures, hooks, layout, sink, storage, text
 from pipeline.config import Config
 from pipeline.failures import InputError
 from pipeline.schema import CAPTION, INPUT, TRANSIENT
@@ -174,11 +174,40 @@ def clips_containing(i: int, cfg: Config) -> range:
     return range(first, last + 1)
 
 
+class UnsupportedCodec(InputRejected):
+    """FFmpeg has no decoder for the video stream's codec (the node's FFmpeg is whole)."""
+
+
+# Decoders that every FFmpeg build we run on has (PyAV's wheels, distributions' FFmpeg): a node
+# whose FFmpeg lacks one has a broken image, and the inputs it cannot decode are not at fault.
+MAINSTREAM_DECODERS = ("h264", "hevc", "vp8", "vp9", "mpeg4", "mjpeg")
+
+
+def missing_decoders(names=MAINSTREAM_DECODERS) -> list[str]:
+    """The mainstream decoders this node's FFmpeg lacks."""
+    import av
+
+    missing = []
+    for name in names:
+        try:
+            av.Codec(name, "r")
+        except Exception:  # noqa: BLE001 - PyAV's UnknownCodecError, whatever its module
+            missing.append(name)
+    return missing
+
+
 def _check_container(container, cfg: Config) -> None:
     """Reject what the container's header already shows to be over the limits."""
     if not container.streams.video:
         raise NoVideoStream("the file has no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # FFmpeg found no decoder for the stream's codec
+        missing = missing_decoders()
+        if missing:
+            raise failures.SystemicFailure(
+                f"this node's FFmpeg has no {', '.join(missing)} decoder: its image is broken (every "
+                "input in those codecs would fail there); install a complete FFmpeg/PyAV on it")
+        raise UnsupportedCodec("FFmpeg has no decoder for this video stream's codec")
     w, h = stream.codec_context.width, stream.codec_context.height
     if w * h > cfg.max_pixels:
         raise TooLarge(f"{w}x{h} frames exceed --max-pixels {cfg.max_pixels}")
@@ -186,26 +215,52 @@ def _check_container(container, cfg: Config) -> None:
         raise TooLong(f"{container.duration / 1e6:.0f} s exceeds --max-duration {cfg.max_duration:g}")
 
 
-def _check_frame(frame, deadline: float, cfg: Config) -> None:
+class DecodeClock:
+    """Seconds spent decoding one input (or part), for ``--decode-timeout``: it runs only while
+    the decode step works, from the moment its consumer asks for the next clip until it hands
+    the clip over. While the generator is paused (Ray Data's backpressure when the encoders are
+    the bottleneck, GPU nodes still booting) or sleeping before a retry, it stands still: a slow
+    consumer never fails an input."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.spent = 0.0
+        self.since: float | None = time.monotonic()
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self.spent += time.monotonic() - self.since
+            self.since = None
+
+    def start(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def check(self) -> None:
+        spent = self.spent + (time.monotonic() - self.since if self.since is not None else 0.0)
+        if spent > self.limit:
+            raise DecodeTimeout(f"decoding took longer than --decode-timeout {self.limit:g} s "
+                                "(time spent decoding this input, waits for the encoders excluded)")
+
+
+def _check_frame(frame, clock: DecodeClock, cfg: Config) -> None:
     """Limits that only decoding shows: a stream can lie in its header or never end."""
     if frame.width * frame.height > cfg.max_pixels:
         raise TooLarge(f"{frame.width}x{frame.height} frames exceed --max-pixels {cfg.max_pixels}")
     if frame.time is not None and frame.time > cfg.max_duration:
         raise TooLong(f"the video runs past --max-duration {cfg.max_duration:g} s")
-    if time.monotonic() > deadline:
-        raise DecodeTimeout(f"decoding took longer than --decode-timeout {cfg.decode_timeout:g} s")
+    clock.check()
 
 
-def _decoded(container, stream, cfg: Config, span) -> Iterator:
+def _decoded(container, stream, cfg: Config, span, clock: DecodeClock) -> Iterator:
     """Decoded frames in order, each checked against the limits, kept to the time span
     [start_sec, end_sec) when one is given (seeking to its start, not decoding up to it)."""
     begin, end = span
-    deadline = time.monotonic() + cfg.decode_timeout
     if begin:
         container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
     decoded, last_time = 0, None
     for frame in container.decode(stream):
-        _check_frame(frame, deadline, cfg)
+        _check_frame(frame, clock, cfg)
         decoded, last_time = decoded + 1, frame.time
         t = frame.time
         if t is not None and begin is not None and t < begin - 1e-6:
@@ -232,15 +287,15 @@ def _check_complete(stream, decoded: int, last_time: float | None) -> None:
                             "declares (the file is truncated or damaged)")
 
 
-def _part_frames(container, stream, cfg: Config, first_frame: int, t0: float, fps: float) -> Iterator:
+def _part_frames(container, stream, cfg: Config, first_frame: int, t0: float, fps: float,
+                 clock: DecodeClock) -> Iterator:
     """The frames of a split video from index ``first_frame`` on, found by time (the stream's
     rate is constant: frame i is at t0 + i / fps), checked against the limits."""
-    deadline = time.monotonic() + cfg.decode_timeout
     target = t0 + first_frame / fps
     container.seek(int((target - 0.5 / fps) / stream.time_base), stream=stream, backward=True, any_frame=False)
     expected = first_frame
     for frame in container.decode(stream):
-        _check_frame(frame, deadline, cfg)
+        _check_frame(frame, clock, cfg)
         index = round((frame.time - t0) * fps) if frame.time is not None else expected
         if index < first_frame:
             continue
@@ -291,7 +346,8 @@ class NotConstantRate(InputRejected):
 
 def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset(),
                span: tuple[float | None, float | None] = (None, None),
-               part: tuple[int, int, float] | None = None) -> Iterator[tuple[str, dict | None]]:
+               part: tuple[int, int, float] | None = None,
+               clock: DecodeClock | None = None) -> Iterator[tuple[str, dict | None]]:
     """Yield ``(clip_id, row)`` per clip; row is None for a clip in ``skip`` (already written).
 
     A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous. With a
@@ -299,7 +355,9 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     With a part ``(first clip, clips, first frame's time)`` of a split video, only those clips,
     seeking to the first one's first frame: the same ids and pixels as decoding the video whole.
     Frame indices count the frames after ``--fps`` resampling, from the start of the video.
+    ``clock`` counts the time against ``--decode-timeout`` (by default, from now on).
     """
+    clock = clock or DecodeClock(cfg.decode_timeout)
     _check_container(container, cfg)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -311,9 +369,9 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     first_clip, last_clip = 0, cfg.max_clips
     if part is not None:
         first_clip, last_clip = part[0], part[0] + part[1]
-        frames = _part_frames(container, stream, cfg, first_clip * cfg.stride, part[2], fps)
+        frames = _part_frames(container, stream, cfg, first_clip * cfg.stride, part[2], fps, clock)
     else:
-        frames = _decoded(container, stream, cfg, span)
+        frames = _decoded(container, stream, cfg, span, clock)
     if cfg.fps:
         frames = resample(frames, cfg.fps)
     if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed
@@ -369,6 +427,16 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
                        "(--num-frames)")
 
 
+# Ray Data retries a task whose worker process died (FFmpeg segfaulted or aborted, the OOM
+# killer took it) without limit. A unit of work whose decoding process died this many times on
+# nodes that are still alive gets one final error row instead of another try.
+WORKER_CRASHES_TO_FAIL = 3
+
+
+class WorkerCrashed(InputRejected):
+    """The process decoding this input died, again and again, on nodes that stayed up."""
+
+
 def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
     """Ray Data flat_map step: a listed input in, its clips out.
 
@@ -376,20 +444,32 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
     clips and gets one error row instead, its class decided by ``pipeline.failures``: the
     store's and the network's faults are first retried here, from where the input stopped.
     When all its clips are cut, a marker records their ids so a rerun can skip the input. A row
-    can be one part of a long input (pipeline.spans): then all this holds for the part.
-    Systemic failures escape and stop the run.
+    can be one part of a long input (pipeline.spans): then all this holds for the part. An
+    input whose decoding process keeps dying gets a ``WorkerCrashed`` row. Systemic failures
+    escape and stop the run.
     """
     uri = row["source_uri"]  # for a manifest row with a time span: path#t=start,end
-    hooks.reach("decode", f"{uri} part={row.get('part')}")
+    part, parts = row.get("part"), row.get("parts")
+    unit = layout.unit_key(uri, part)
+    crashes = _earlier_crashes(ledger, unit)
+    if crashes >= WORKER_CRASHES_TO_FAIL:
+        _record_error(cfg, ledger, unit, _error_row(row, WorkerCrashed(
+            f"the process decoding it died {crashes} times on nodes that stayed up (FFmpeg crashed or "
+            "aborted on it, or the worker was killed for memory: see those workers' Ray logs)"), INPUT, []))
+        return
+    hooks.reach("decode", f"{uri} part={part}")
     skip = frozenset(filter(None, (row.get("skip_clips") or "").split(",")))
     cut: dict[str, None] = {}  # the ids of the clips cut so far, in order, across attempts
-    part, parts = row.get("part"), row.get("parts")
+    clock = DecodeClock(cfg.decode_timeout)  # across attempts: seconds of decoding per input or part
     for attempt in itertools.count():
         try:
-            for cid, clip in _input_clips(row, cfg, skip.union(cut)):
+            for cid, clip in _input_clips(row, cfg, skip.union(cut), clock):
                 cut[cid] = None
                 if clip is not None:
+                    clock.stop()  # paused here for as long as the consumer does not pull
                     yield clip
+                    hooks.reach("decode-resumed", uri)
+                    clock.start()
             break
         except Exception as e:  # noqa: BLE001 - classified: data, a retry, or the run's failure
             error_class = failures.classify(e)
@@ -400,19 +480,39 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
                     ray.get(ledger.systemic.remote(failures.systemic_cause("decoding", e)))
                 raise
             if error_class == TRANSIENT and attempt < TRANSIENT_RETRIES:
+                clock.stop()
                 time.sleep(TRANSIENT_BACKOFF_S * 2 ** attempt)
+                clock.start()
                 continue
-            error = _error_row(row, e, error_class, list(cut))
-            sink.write_error(cfg, error)
-            hooks.reach("decode-error")
-            _report(ledger, f"{error['stage']}/{error['error_type']}")
+            _record_error(cfg, ledger, unit, _error_row(row, e, error_class, list(cut)))
             return
     sink.write_marker(cfg, uri, list(cut), part, parts)
     hooks.reach("marker")
-    _report(ledger, None)
+    _report(ledger, None, unit)
 
 
-def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str, dict | None]]:
+def _record_error(cfg: Config, ledger, unit: str, error: dict) -> None:
+    sink.write_error(cfg, error)
+    hooks.reach("decode-error")
+    _report(ledger, f"{error['stage']}/{error['error_type']}", unit)
+
+
+def _earlier_crashes(ledger, unit: str) -> int:
+    """How many earlier attempts at this unit, in this run, ended with their process dead on a
+    node that is still alive (the ledger counts attempts that began and recorded no outcome)."""
+    if ledger is None:
+        return 0
+    import ray
+
+    earlier = ray.get(ledger.decode_attempt.remote(unit, ray.get_runtime_context().get_node_id()))
+    if not earlier:
+        return 0
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return sum(node in alive for node in earlier)
+
+
+def _input_clips(row: dict, cfg: Config, skip: frozenset,
+                 clock: DecodeClock | None = None) -> Iterator[tuple[str, dict | None]]:
     """Open one input (checking its size first) and cut its clips, as ``iter_clips`` does.
 
     A read failure is raised as itself even when FFmpeg took it for the end of the stream."""
@@ -443,7 +543,8 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset) -> Iterator[tuple[str,
             except Exception as e:  # noqa: BLE001 - re-raised with what it means
                 raise storage.read_failure(source) or _unreadable(e) from e
             with container:
-                for cid, clip in iter_clips(container, uri, cfg, skip, span, part):
+                hooks.reach("decoding", uri)
+                for cid, clip in iter_clips(container, uri, cfg, skip, span, part, clock):
                     if clip is not None and row.get("extra") is not None:  # a manifest's own columns
                         clip["extra"] = row["extra"]
                     if clip is not None and caption is not None:
@@ -471,6 +572,7 @@ def _unreadable(e: BaseException) -> BaseException:
 
 
 def _error_row(row: dict, e: BaseException, error_class: str, cut: list[str]) -> dict:
+    """One unit's error row: its class, where it was found, and the clips cut before it."""
     stage = getattr(e, "stage", "read" if error_class == TRANSIENT else "decode")
     message = str(e) or type(e).__name__
     if cut:
@@ -481,12 +583,12 @@ def _error_row(row: dict, e: BaseException, error_class: str, cut: list[str]) ->
                           part=row.get("part"), parts=row.get("parts"))
 
 
-def _report(ledger, failed_as: str | None) -> None:
+def _report(ledger, failed_as: str | None, unit: str | None = None) -> None:
     """Tell the run's ledger about this input's outcome; stop the run when its guard trips."""
     if ledger is None:
         return
     import ray
 
-    stop = ray.get(ledger.input_outcome.remote(failed_as))
+    stop = ray.get(ledger.input_outcome.remote(failed_as, unit))
     if stop:
         raise failures.GuardTripped(stop)

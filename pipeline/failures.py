@@ -3,13 +3,16 @@
 - ``input``: the input's own fault (corrupt, truncated, too short, over a limit, no video
   stream, unsupported codec, non-finite latents from that clip). One error row, final: a rerun
   skips it (unless ``--retry-errors``).
-- ``transient``: the store or the network (S3 5xx and throttling, timeouts, connection resets,
-  access refused, a node lost during a read). Retried with backoff inside the run; if it still
+- ``transient``: the store or the network (any read error from storage: S3 errors of any
+  status, throttling, timeouts, connection resets, access refused, a flaky NFS or FUSE read;
+  a node lost during a read, a node short of memory). Retried with backoff inside the run; if it still
   fails, the error row says ``retryable`` and a rerun tries the input again.
 - ``resource``: a clip that alone, with tiling, still does not fit in GPU memory. A retryable
   error row (another GPU may fit it).
 - ``systemic``: the model or the device, not the input (wrong channels, load failures,
-  CUDA/cuDNN errors, device lost), and failures to write OUTPUT. Never recorded as an input's
+  CUDA/cuDNN errors, device lost), failures to write OUTPUT, and any exception from our own
+  code that is not an error of the input's bytes (a TypeError, a KeyError: a bug every input
+  would meet). Never recorded as an input's
   outcome: the run stops with exit 1 and nothing marks those clips done.
 """
 from __future__ import annotations
@@ -28,16 +31,6 @@ def systemic_cause(doing: str, e: BaseException) -> str:
     """A systemic failure as the run's ledger keeps it and the driver names it (and as the ledger
     compares two of them): what was being done, the exception's type and first line."""
     return f"{doing}: {type(e).__name__}: {first_line(e)[:500]}"
-
-
-# What the S3 client (pyarrow's AWS SDK) and sockets say when the fault is the service's or the
-# network's: retried, never held against the input.
-_TRANSIENT_MARKERS = (
-    "http status 5", "slow_down", "slowdown", "throttl", "network_connection", "curlcode",
-    "requesttimeout", "timed out", "timeout", "internal_failure", "service_unavailable",
-    "connection reset", "connection refused", "broken pipe", "temporarily unavailable",
-    "access_denied", "accessdenied", "http status 403", "expiredtoken", "reduce your request rate",
-)
 
 
 class InputError(Exception):
@@ -72,7 +65,12 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def classify(e: BaseException) -> str:
-    """The class of a failure met while reading, decoding or cutting one input."""
+    """The class of a failure met while reading, decoding or cutting one input, decided by where
+    it came from: the input's bytes (our checks, FFmpeg and PyAV), the store or the network
+    (every other OSError: a flaky NFS or FUSE read, an S3 error of any status, a dropped
+    connection), the node (memory, a lost Ray object, a decoder its FFmpeg lacks), or our own
+    code (any other exception: a TypeError or KeyError is a bug that every input would meet,
+    not one input's fault)."""
     if isinstance(e, InputError):
         return INPUT
     if isinstance(e, (ImportError, NameError, SyntaxError, SystemicFailure)):
@@ -81,13 +79,33 @@ def classify(e: BaseException) -> str:
         return TRANSIENT  # the node was short of memory; another try (or node) may fit
     if _is_ray_system_error(e):
         return TRANSIENT
-    text = str(e).lower()
-    if isinstance(e, (ConnectionError, TimeoutError)) and not _is_ffmpeg(e):
+    if _is_ffmpeg(e):
+        return INPUT  # FFmpeg's own errors are about the stream's bytes
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return INPUT  # the input is gone, or never was a file
+    if isinstance(e, OSError):  # ConnectionError and TimeoutError too
         return TRANSIENT
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and not _is_ffmpeg(e) \
-            and any(marker in text for marker in _TRANSIENT_MARKERS):
-        return TRANSIENT
-    return INPUT
+    if _raised_in(e, "av"):
+        return INPUT  # PyAV refused what the stream holds (a value it cannot convert, say)
+    return SYSTEMIC
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+    """Whether the innermost frame of the exception's traceback is in ``package``'s code (its
+    Cython modules name their frames ``av/...pyx`` or ``av/....py``, relative to the package)."""
+    import importlib
+    import os
+
+    tb, where = e.__traceback__, None
+    while tb is not None:
+        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    if where is None:
+        return False
+    try:
+        home = os.path.dirname(importlib.import_module(package).__file__)
+    except ImportError:
+        return False
+    return where.startswith(package + "/") or where.startswith(home + os.sep)
 
 
 def is_retryable(error_class: str) -> bool:

@@ -118,7 +118,13 @@ def check(cfg: Config, info: ModelInfo) -> bool:
 
 
 def write(cfg: Config, info: ModelInfo) -> dict:
-    """Record the job in OUTPUT (before anything else is written); returns the record."""
+    """Record the job in OUTPUT (before anything else is written); returns the record. A record
+    of another job (one with nothing written under it: ``check`` refuses the others) is replaced,
+    and its bookkeeping with it: its markers list the clips of its own settings, never outcomes
+    of this job."""
     rec = record(cfg, info)
+    old = layout.read_json(cfg.output, layout.JOB, cfg.s3)
+    if old is not None and old.get("fingerprint") != rec["fingerprint"]:
+        layout.delete(cfg.output, [layout.SUCCESS, layout.MARKERS_DIR, layout.ERRORS_DIR], cfg.s3)
     layout.write_json(cfg.output, layout.JOB, rec, cfg.s3)
     return rec

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.schema import METADATA_KEY
 
 LATENTS_DIR = "latents"
 ERRORS_DIR = "errors"
@@ -46,13 +47,27 @@ def marker_file(source_uri: str, part: int | None = None) -> str:
     return file_name("vid", [unit_key(source_uri, part)])
 
 
-def read_columns(output: str, folder: str, columns: list[str], s3=None):
-    """Some columns of every Parquet file under OUTPUT/folder (None when there is none)."""
+def read_columns(output: str, folder: str, columns: list[str], s3=None, fingerprint: str | None = None):
+    """Some columns of every Parquet file under OUTPUT/folder (None when there is none); with
+    ``fingerprint``, only of the files written by that job (or by a version that recorded none)."""
     fs, path = storage.resolve(storage.join(output, folder), s3)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    if fingerprint is not None and dataset.files:
+        # Each footer is read once: the fragment keeps it for the scan below.
+        kept = [f for f in dataset.get_fragments() if file_fingerprint(f.physical_schema) in (None, fingerprint)]
+        dataset = pads.FileSystemDataset(kept, dataset.schema, dataset.format, fs)
     return dataset.to_table(columns=columns) if dataset.files else None
+
+
+def file_fingerprint(schema) -> str | None:
+    """The job fingerprint a file's schema metadata records (None when it records none)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        return json.loads(raw).get("job_fingerprint") if raw else None
+    except ValueError:
+        return None
 
 
 def count_rows(output: str, folder: str, s3=None) -> int:

@@ -64,8 +64,11 @@ def load(cfg: Config) -> Done:
         for cid, uri in zip(latents.column("clip_id").to_pylist(), latents.column("source_uri").to_pylist()):
             done._add_clip(uri, cid)
     outcomes: list[dict] = []  # each unit's outcome, and the clips it depends on
+    # Markers and error rows are outcomes only of this job: a record replaced (nothing written
+    # under it) can leave another job's behind, whose clip lists are not this job's.
     errors = layout.read_columns(cfg.output, layout.ERRORS_DIR,
-                                 ["source_uri", "part", "parts", "clip_id", "retryable", "clip_ids"], cfg.s3)
+                                 ["source_uri", "part", "parts", "clip_id", "retryable", "clip_ids"], cfg.s3,
+                                 fingerprint=cfg.job_fingerprint)
     for row in errors.to_pylist() if errors is not None else []:
         uri, cid = row["source_uri"], row["clip_id"]
         if row["retryable"] or cfg.retry_errors:
@@ -75,7 +78,7 @@ def load(cfg: Config) -> Done:
         else:
             outcomes.append(row)
     markers = layout.read_columns(cfg.output, layout.MARKERS_DIR, ["source_uri", "part", "parts", "clip_ids"],
-                                  cfg.s3)
+                                  cfg.s3, fingerprint=cfg.job_fingerprint)
     outcomes += markers.to_pylist() if markers is not None else []
     for row in outcomes:
         if not done.clips.issuperset(row["clip_ids"] or ()):

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline import hooks
+
 
 def default_endpoint(explicit: str | None = None) -> str | None:
     """The S3 endpoint: the one given, else the standard AWS_ENDPOINT_URL, else AWS itself."""
@@ -128,8 +130,9 @@ class _RawNativeFile(io.RawIOBase):
     callback into an early end of stream, and a network fault must never look like a short video.
     """
 
-    def __init__(self, native):
+    def __init__(self, native, uri: str = ""):
         self._f = native
+        self.uri = uri
         self.failure: BaseException | None = None
 
     def readable(self):
@@ -140,6 +143,7 @@ class _RawNativeFile(io.RawIOBase):
 
     def readinto(self, b):
         try:
+            hooks.reach("read", self.uri)
             data = self._f.read(len(b))
         except Exception as e:
             self.failure = self.failure or e
@@ -164,19 +168,23 @@ class _RawNativeFile(io.RawIOBase):
 
 # Demuxers read in small pieces; on S3 each unbuffered read would be one ranged GET.
 S3_READ_BUFFER = 8 << 20
+LOCAL_READ_BUFFER = 1 << 20
 
 
 def open_for_decode(uri: str, s3=None):
-    """A path (local) or a buffered, seekable file object (S3) that PyAV can open.
+    """A buffered, seekable file object that PyAV can open, local or on S3.
 
-    Reads are streamed: a video is never loaded whole into memory.
+    Reads are streamed: a video is never loaded whole into memory. Local files are read through
+    it too (not handed to FFmpeg by path), so that a read error from the disk (a flaky NFS or
+    FUSE mount) is known for what it is, the store's, and not taken for the stream's end or
+    for damaged bytes.
     """
     fs, path = resolve(uri, s3)
-    if not isinstance(fs, pafs.S3FileSystem):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {uri}")
-        return path
-    return io.BufferedReader(_RawNativeFile(fs.open_input_file(path)), buffer_size=S3_READ_BUFFER)
+    if isinstance(fs, pafs.S3FileSystem):
+        return io.BufferedReader(_RawNativeFile(fs.open_input_file(path), uri), buffer_size=S3_READ_BUFFER)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {uri}")
+    return io.BufferedReader(_RawNativeFile(fs.open_input_file(path), uri), buffer_size=LOCAL_READ_BUFFER)
 
 
 def read_failure(source) -> BaseException | None:

@@ -152,6 +152,9 @@ def caption_for(row: dict, cfg: Config) -> str:
     path = row.get("path") or row["source_uri"]
     try:
         return storage.read_bytes(sidecar(path), cfg.s3).decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise NoCaption(f"--text-embeddings: the caption file {sidecar(path)} is not UTF-8 ({e.reason} at "
+                        f"byte {e.start})") from None
     except FileNotFoundError:
         where = f"no {cfg.caption_column!r} in its manifest row and " if cfg.manifest else ""
         raise NoCaption(f"--text-embeddings: {where}no caption file {sidecar(path)}") from None

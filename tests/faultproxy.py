@@ -1,7 +1,8 @@
 """A small HTTP proxy on loopback that forwards to an S3 server and injects transient faults.
 
 By a fixed schedule over request numbers, methods and paths (so a test is reproducible): 503
-SlowDown, 500 InternalError, or a connection dropped with no response. The client must retry with
+SlowDown, 500 InternalError, 301 PermanentRedirect (a bucket in another region), or a
+connection dropped with no response. The client must retry with
 backoff.
 """
 from __future__ import annotations
@@ -15,6 +16,11 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>
             b'<Message>Please reduce your request rate.</Message></Error>')
 INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
             b'<Message>We encountered an internal error. Please try again.</Message></Error>')
+# What S3 answers a request sent to the wrong region's endpoint.
+REDIRECT = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>PermanentRedirect</Code>'
+            b'<Message>The bucket you are attempting to access must be addressed using the specified endpoint.'
+            b'</Message></Error>')
+ERRORS = {"503": (503, SLOWDOWN), "500": (500, INTERNAL), "301": (301, REDIRECT)}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-connection", "content-length"}
 
@@ -37,7 +43,7 @@ class FaultProxy:
         self.schedule = schedule
         self.lock = threading.Lock()
         self.requests = 0
-        self.faults = {"503": 0, "500": 0, "reset": 0}
+        self.faults = {"503": 0, "500": 0, "reset": 0}  # the default schedule's; others counted when met
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -59,7 +65,7 @@ class FaultProxy:
             fault = self.schedule(self.requests, method, path)
             self.requests += 1
             if fault:
-                self.faults[fault] += 1
+                self.faults[fault] = self.faults.get(fault, 0) + 1
             return fault
 
     def _handler(self):
@@ -100,8 +106,7 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if fault:
-                    return self._error(503 if fault == "503" else 500,
-                                       SLOWDOWN if fault == "503" else INTERNAL)
+                    return self._error(*ERRORS[fault])
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 conn.request(self.command, self.path, body=body, headers=headers)

@@ -31,14 +31,18 @@ class Hooks:
         return {ENV: self.folder}
 
     def arm(self, point: str, action: str, first: int = 1, last: int | None = None, count: int = 2,
-            on: str | None = None) -> None:
+            on: str | None = None, match: str | None = None, seconds: float = 0,
+            fault: dict | None = None) -> None:
         """From arrival ``first`` to ``last`` (inclusive; None: all later), signal and then
         ``action``: "signal" (go on), "block" (until killed), "crash" (end the process) or
         "barrier" (wait until point ``on``, this one by default, has had ``count`` arrivals;
-        arrivals are counted only at an armed point, so arm ``on`` too, with "signal")."""
+        arrivals are counted only at an armed point, so arm ``on`` too, with "signal"), "kill"
+        (SIGKILL to itself), "hold" (``seconds``) or "raise" (``fault``: {"type": "OSError",
+        "errno": 5}). With ``match``, only arrivals whose detail contains it count and act."""
         tmp = os.path.join(self.folder, f".{point}.arm.tmp")
         with open(tmp, "w") as f:
-            json.dump({"action": action, "from": first, "until": last, "count": count, "on": on}, f)
+            json.dump({"action": action, "from": first, "until": last, "count": count, "on": on,
+                       "match": match, "seconds": seconds, "raise": fault}, f)
         os.replace(tmp, os.path.join(self.folder, f"{point}.arm"))
 
     def arrivals(self, point: str) -> int:

@@ -34,12 +34,34 @@ SHAPE = ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", st
     (decode.TooShort("the video has 3 frames"), "input"),
     (decode.Truncated("the stream ends after 14 of the 30 frames"), "input"),
     (failures.NonFinite("nan"), "input"),
-    (ValueError("odd pixel format"), "input"),
+    # Any read error from storage is the store's: a flaky NFS/FUSE read, an S3 301 or 400 (the
+    # bucket is in another region), not the input's.
+    (OSError(5, "Input/output error"), "transient"),
+    (OSError(116, "Stale file handle"), "transient"),
+    (OSError("When reading information for key 'x.mp4' in bucket 'b': AWS Error UNKNOWN (HTTP status 301) "
+             "during HeadObject operation: No response body."), "transient"),
+    (OSError("AWS Error UNKNOWN (HTTP status 400) during GetObject operation"), "transient"),
+    # Our own code's exceptions are bugs every input would meet: the run stops and names them.
+    (ValueError("odd pixel format"), "systemic"),
+    (TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"), "systemic"),
+    (KeyError("part_t0"), "systemic"),
+    (AttributeError("'NoneType' object has no attribute 'time_base'"), "systemic"),
     (ImportError("No module named 'av'"), "systemic"),
     (failures.SystemicFailure("cuDNN error"), "systemic"),
 ])
 def test_one_function_classifies_every_failure(error, expected):
     assert failures.classify(error) == expected
+
+
+def test_an_error_raised_inside_pyav_is_the_inputs_even_when_its_type_is_a_builtin(tmp_path):
+    """PyAV raises builtin types too (ValueError, TypeError) for what a stream holds: where the
+    exception was raised decides, not its type."""
+    with pytest.raises(ValueError) as raised, av.open(str(tmp_path / "x.mkv"), "w") as out:
+        out.add_stream("ljpeg", rate=10)  # raised in av/container/output.py: no such codec in Matroska
+    assert failures.classify(raised.value) == "input"
+    with pytest.raises(ValueError) as ours:
+        int("not a number")  # the same type raised in our code: a bug
+    assert failures.classify(ours.value) == "systemic"
 
 
 def test_out_of_memory_is_recognised_by_type_or_message():
