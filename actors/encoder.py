@@ -15,7 +15,7 @@ import numpy as np
 
 from actors.ledger import ANSWER_TIMEOUT_S
 from pipeline import failures, hooks, sink, stats
-from pipeline.config import GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size
+from pipeline.config import GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size, memory_format
 from pipeline.model import ModelInfo, local_model_dir
 from pipeline.schema import IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
 
@@ -31,7 +31,8 @@ def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
 
     cls = getattr(diffusers, info.class_name)
     # safetensors only, unless the user vouches for pickle weights (which can run code).
-    vae = cls.from_pretrained(local_model_dir(info, cfg.s3),
+    # A hub id is loaded at the commit the driver resolved and recorded, whatever its branch says now.
+    vae = cls.from_pretrained(local_model_dir(info, cfg.s3), revision=info.revision,
                               subfolder=info.subfolder, torch_dtype=getattr(torch, cfg.dtype),
                               use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
@@ -97,7 +98,7 @@ class VAEEncoder:
         except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
             self._report_systemic("loading the model", e)
             raise
-        self.channels_last = _memory_format(cfg, self.device.type) == "channels_last_3d"
+        self.channels_last = memory_format(cfg, self.device.type) == "channels_last_3d"
         if self.channels_last:
             for module in self.vae.modules():
                 if isinstance(module, torch.nn.Conv3d):
@@ -378,14 +379,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS)
-
-
-def _memory_format(cfg: Config, device_type: str) -> str:
-    if cfg.memory_format != "auto":
-        return cfg.memory_format
-    # On CPU, oneDNN's 3-D convolutions run 1.2x faster channels-last (BENCHMARKS.md); on CUDA
-    # contiguous stays the default until measured there.
-    return "channels_last_3d" if device_type == "cpu" else "contiguous"
 
 
 def _same_shape_groups(frames) -> list[list[int]]:

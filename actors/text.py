@@ -44,9 +44,10 @@ def load_text(text: TextInfo, device: str, dtype: str, s3=None, allow_pickle: bo
 
     encoder_root = model.fetch_folder(text.source, TEXT_ENCODER, text.encoder_files, s3)
     tokenizer_root = model.fetch_folder(text.source, TOKENIZER, text.tokenizer_files, s3)
-    tokenizer = getattr(transformers, text.tokenizer_class).from_pretrained(tokenizer_root, subfolder=TOKENIZER)
+    tokenizer = getattr(transformers, text.tokenizer_class).from_pretrained(
+        tokenizer_root, subfolder=TOKENIZER, revision=text.revision)  # a hub id: the recorded commit
     encoder = getattr(transformers, text.encoder_class).from_pretrained(
-        encoder_root, subfolder=TEXT_ENCODER, torch_dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True)
+        encoder_root, subfolder=TEXT_ENCODER, revision=text.revision, torch_dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True)
     return tokenizer, encoder.to(device).eval()
 
 

@@ -108,10 +108,9 @@ def isolated_encode(workload, device: str, batch_size: int, lever_format: str | 
 
 def auto_memory_format(device: str) -> str:
     """What --memory-format auto picks on this device (the encoder's rule)."""
-    from actors.encoder import _memory_format
-    from pipeline.config import Config
+    from pipeline.config import Config, memory_format
 
-    return _memory_format(Config(input="-", output="-", model="-"), device)
+    return memory_format(Config(input="-", output="-", model="-"), device)
 
 
 def count_flops_per_clip(workload, device: str) -> int:

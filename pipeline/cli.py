@@ -141,6 +141,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "nearest its aspect ratio (replaces --height/--width)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh, deleting a previous run's output (default: resume it)")
+    p.add_argument("--allow-version-change", action="store_true",
+                   help="resume an OUTPUT written under another diffusers or torch major.minor (refused by "
+                        "default: its latents may differ); the change is listed in OUTPUT/_job.json")
     p.add_argument("--retry-errors", action="store_true",
                    help="also retry inputs whose errors are final, e.g. after a decoder upgrade "
                         "(retryable errors are always retried)")

@@ -69,6 +69,7 @@ class Config:
     s3_endpoint: str | None = None
     s3_max_attempts: int = storage.S3_MAX_ATTEMPTS  # per S3 request, with backoff
     overwrite: bool = False
+    allow_version_change: bool = False  # resume OUTPUT under another diffusers/torch major.minor (pipeline.job)
     retry_errors: bool = False  # also retry inputs whose errors are final (after a decoder upgrade)
     # Stop the run (exit 1) once MIN_OUTCOMES_FOR_GUARD inputs (or clips) have an outcome and more
     # than this share of them failed: a broken job must not burn a cluster. 1 turns it off.
@@ -113,6 +114,15 @@ class Config:
 CPU_BATCH = 2
 GPU_MAX_BATCH = 8
 GPU_MEMORY_HEADROOM = 0.2
+
+
+def memory_format(cfg: Config, device_type: str) -> str:
+    """The VAE's tensors' layout on ``device_type``: --memory-format, or auto's pick."""
+    if cfg.memory_format != "auto":
+        return cfg.memory_format
+    # On CPU, oneDNN's 3-D convolutions run 1.2x faster channels-last (BENCHMARKS.md); on CUDA
+    # contiguous stays the default until measured there.
+    return "channels_last_3d" if device_type == "cpu" else "contiguous"
 
 
 def data_batch_size(cfg: Config) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 
 from pipeline import storage
@@ -39,6 +40,9 @@ class ModelInfo:
     # Per file of the VAE's folder: (name, bytes, content key): the ETag on S3, a blake2b of the
     # bytes on a local disk; empty for a hub id. Part of the job's identity and the cache key.
     files: tuple = ()
+    # A hub id's commit, resolved once by the driver (None for a folder or S3, or when it could not
+    # be resolved): recorded in the job's identity, and what every actor loads.
+    revision: str | None = None
     text: object = None  # pipeline.text.TextInfo with --text-embeddings
 
     @property
@@ -127,12 +131,28 @@ def looks_like_hub_id(source: str) -> bool:
             and source.count("/") == 1 and not source.startswith((".", "/", "~")))
 
 
-def _read_config_file(source: str, subfolder: str | None, endpoint: str | None) -> dict | None:
+def hub_revision(repo: str) -> str | None:
+    """The commit a hub id's default branch points to, resolved as huggingface_hub resolves it for
+    its downloads (``HfApi.resolve_revision``): asked of the Hub, else (HF_HUB_OFFLINE=1, no
+    network, the Hub down) read from the local cache's ``refs/main``. No weights are downloaded.
+    None when neither can say, or with a huggingface_hub too old to resolve revisions."""
+    from huggingface_hub import HfApi  # a diffusers dependency
+
+    if not hasattr(HfApi, "resolve_revision"):
+        return None
+    try:
+        return HfApi().resolve_revision(repo).resolved
+    except Exception:  # noqa: BLE001 - unreachable, unknown or not cached: recorded as unresolved
+        return None
+
+
+def _read_config_file(source: str, subfolder: str | None, endpoint: str | None,
+                      revision: str | None = None) -> dict | None:
     if looks_like_hub_id(source):
         from huggingface_hub import hf_hub_download  # a diffusers dependency
 
         try:
-            path = hf_hub_download(source, CONFIG_NAME, subfolder=subfolder)
+            path = hf_hub_download(source, CONFIG_NAME, subfolder=subfolder, revision=revision)
         except Exception:  # noqa: BLE001 - any hub failure means "not there"
             return None
         with open(path) as f:
@@ -171,29 +191,64 @@ def folder_files(source: str, subfolder: str | None, s3, head_bytes: int | None 
 
 
 def _content_key(fs, path: str, head_bytes: int | None = None) -> str:
-    """The store's ETag on S3 (one HEAD, no download); a hash of the bytes on a local disk
-    (a VAE is well under a GB: about a second)."""
+    """The store's ETag on S3 (one HEAD, no download); a hash of the bytes on a local disk."""
     import pyarrow.fs as pafs
 
     if isinstance(fs, pafs.S3FileSystem):
         with fs.open_input_file(path) as f:
             return "etag:" + f.metadata().get("ETag", b"").decode().strip('"')
+    if head_bytes:
+        with open(path, "rb") as f:
+            return "blake2b-head:" + hashlib.blake2b(f.read(head_bytes), digest_size=16).hexdigest()
+    return "blake2b:" + file_digest(path)
+
+
+RACY_S = 2.0
+
+
+def file_digest(path: str) -> str:
+    """blake2b of every byte of a local file, read in chunks (about 1 GB/s on one core: a VAE in
+    a second, a 20 GB text encoder in tens of seconds). Remembered in the node's cache under the
+    file's path, size, inode, modification and change times, so a rerun does not read it again;
+    a file rewritten in any way has a new change time (ctime, which no tool can set back). As git
+    does, a file changed in the last RACY_S seconds is not remembered: a file system with coarse
+    timestamps could give its next rewrite the same ones."""
+    st = os.stat(path)
+    stamp = f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_dev}:{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    memo = os.path.join(cache_root(), "digests", hashlib.sha256(stamp.encode()).hexdigest()[:32])
+    try:
+        with open(memo) as f:
+            return f.read().strip()
+    except OSError:
+        pass
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        if head_bytes:
-            digest.update(f.read(head_bytes))
-        else:
-            for chunk in iter(lambda: f.read(8 << 20), b""):
-                digest.update(chunk)
-    return ("blake2b-head:" if head_bytes else "blake2b:") + digest.hexdigest()
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    if time.time() - st.st_ctime < RACY_S:
+        return hexdigest
+    try:  # best effort: a read-only cache only costs the next run another read
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        with open(memo + ".tmp", "w") as f:
+            f.write(hexdigest)
+        os.replace(memo + ".tmp", memo)
+    except OSError:
+        pass
+    return hexdigest
+
+
+def cache_root() -> str:
+    return os.environ.get("VIDEO_LATENTS_CACHE", os.path.expanduser("~/.cache/video-latents"))
 
 
 def inspect_model(source: str, subfolder: str | None = None, endpoint: str | None = None) -> ModelInfo:
     """Read the VAE's config; with no subfolder given, use ``vae/`` when the model has one."""
     candidates = [subfolder] if subfolder is not None else [VAE_SUBFOLDER, None]
+    revision = hub_revision(source) if looks_like_hub_id(source) else None
     config, chosen = None, None
     for candidate in candidates:
-        config = _read_config_file(source, candidate, endpoint)
+        config = _read_config_file(source, candidate, endpoint, revision)
         if config is not None:
             chosen = candidate
             break
@@ -215,6 +270,7 @@ def inspect_model(source: str, subfolder: str | None = None, endpoint: str | Non
         config=config,
         weights_format=_weights_format(files) if files else "unknown",
         files=files,
+        revision=revision,
         **stats,
         **FAMILIES[class_name](config),
     )
@@ -238,10 +294,9 @@ def fetch_folder(source: str, subfolder: str | None, files: tuple, s3=None) -> s
     import filelock  # a huggingface_hub dependency
 
     key = hashlib.sha256(json.dumps([source, subfolder, files]).encode()).hexdigest()[:16]
-    cache_root = os.environ.get("VIDEO_LATENTS_CACHE", os.path.expanduser("~/.cache/video-latents"))
-    target = os.path.join(cache_root, "models", key)
+    target = os.path.join(cache_root(), "models", key)
     done = os.path.join(target, ".complete")
-    os.makedirs(cache_root, exist_ok=True)
+    os.makedirs(cache_root(), exist_ok=True)
     with filelock.FileLock(target + ".lock"):
         if not os.path.exists(done):
             folder = storage.join(source, subfolder) if subfolder else source

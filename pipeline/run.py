@@ -178,11 +178,11 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     started, run_started = time.perf_counter(), time.time()
     cluster.connect_ray()
     cfg, why = cluster.resolve(cfg, info.class_name)
-    job.check(cfg, info)  # again, now that the compute dtype is known
+    previous = job.check(cfg, info)  # again, now that the compute dtype is known
     print(cluster.plan_line(cfg, why, rows_per_file(cfg, info)), file=sys.stderr, flush=True)
     if cfg.overwrite:
         layout.clear(cfg.output, cfg.s3)
-    record = job.write(cfg, info)
+    record = job.write(cfg, info, previous)
     cfg = cfg.replace(job_fingerprint=record["fingerprint"])
     done = resume.load(cfg)
     counts = _nothing_to_do(cfg, done)

@@ -8,6 +8,7 @@ pipeline's, not copies of them.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -25,8 +26,9 @@ PIPELINES = {
     "AutoencoderKLLTXVideo": "LTXPipeline",
     "AutoencoderKLWan": "WanPipeline",
 }
-# Text encoders' files are tens of GB: their identity is each file's size and first bytes (a
-# safetensors header lists every tensor's name, dtype, shape and offset).
+# The tokenizer's and text encoder's files as listed in TextInfo (also the S3 copy's cache key):
+# each file's size and first bytes (a safetensors header lists every tensor's name, dtype, shape
+# and offset). What tells two encoders' weights apart is TextInfo.encoder_weights.
 HEAD_BYTES = 1 << 20
 
 
@@ -53,6 +55,11 @@ class TextInfo:
     pipeline_config: dict  # the pipeline's registered config (e.g. Mochi's force_zeros_for_empty_prompt)
     encoder_files: tuple
     tokenizer_files: tuple
+    # The encoder's weights, for the job's identity: a digest of every byte of a local folder's
+    # files (tens of GB: each file's digest is remembered, see model.file_digest), of the ETags on
+    # S3, or a hub id's resolved commit ("unresolved" when it could not be).
+    encoder_weights: str = ""
+    revision: str | None = None  # a hub id's commit, which the text actors load
 
     def metadata(self, dtype: str) -> dict:
         return {"source": redact_url(self.source),
@@ -73,13 +80,13 @@ def text_dtype(cfg: Config) -> str | None:
     return {"cuda": "bfloat16", "cpu": "float32"}.get(cfg.device)
 
 
-def _read_json(source: str, path: str, s3) -> dict | None:
+def _read_json(source: str, path: str, s3, revision: str | None = None) -> dict | None:
     """``source``/``path`` parsed, or None when absent; a hub id's file is downloaded alone."""
     if model.looks_like_hub_id(source):
         from huggingface_hub import hf_hub_download  # a diffusers dependency
 
         try:
-            with open(hf_hub_download(source, path)) as f:
+            with open(hf_hub_download(source, path, revision=revision)) as f:
                 return json.load(f)
         except Exception:  # noqa: BLE001 - any hub failure means "not there"
             return None
@@ -102,21 +109,23 @@ def pipeline_class(name: str):
 def inspect_text(cfg: Config, vae_class: str) -> TextInfo:
     """What --text-embeddings will load, from the folders' JSON files and the pipeline's code."""
     source = cfg.text_encoder or cfg.model
-    index = _read_json(source, MODEL_INDEX, cfg.s3) or {}
+    hub = model.looks_like_hub_id(source)
+    revision = model.hub_revision(source) if hub else None
+    index = _read_json(source, MODEL_INDEX, cfg.s3, revision) or {}
     name = index.get("_class_name") or PIPELINES.get(vae_class)
     if name is None:
         raise TextError(f"--text-embeddings: no prompt-embedding recipe for {vae_class} "
                         "(HunyuanVideo's two text encoders are not supported yet: see the README)")
     cls = pipeline_class(name)
-    encoder_config = _read_json(source, f"{TEXT_ENCODER}/{model.CONFIG_NAME}", cfg.s3)
+    encoder_config = _read_json(source, f"{TEXT_ENCODER}/{model.CONFIG_NAME}", cfg.s3, revision)
     if encoder_config is None:
         raise TextError(f"--text-embeddings: no {TEXT_ENCODER}/{model.CONFIG_NAME} under {source} "
                         "(give the diffusers repository's root, or --text-encoder PATH)")
     tokenizer_files = model.folder_files(source, TOKENIZER, cfg.s3, HEAD_BYTES)
-    if not tokenizer_files and not model.looks_like_hub_id(source):  # a hub id's are not listed
+    if not tokenizer_files and not hub:  # a hub id's are not listed
         raise TextError(f"--text-embeddings: no {TOKENIZER}/ under {source}")
     encoder_class = (index.get(TEXT_ENCODER) or [None, None])[1] or (encoder_config.get("architectures") or [None])[0]
-    tokenizer_config = _read_json(source, f"{TOKENIZER}/tokenizer_config.json", cfg.s3) or {}
+    tokenizer_config = _read_json(source, f"{TOKENIZER}/tokenizer_config.json", cfg.s3, revision) or {}
     tokenizer_class = (index.get(TOKENIZER) or [None, None])[1] or tokenizer_config.get("tokenizer_class") \
         or "AutoTokenizer"
     if not encoder_class:
@@ -131,12 +140,17 @@ def inspect_text(cfg: Config, vae_class: str) -> TextInfo:
                        if k != "self" and p.default is not inspect.Parameter.empty
                        and isinstance(p.default, (bool, int, float, str))}
     hidden = encoder_config.get("d_model") or encoder_config.get("hidden_size")
+    if hub:
+        weights = f"hub commit {revision}" if revision else "unresolved (hub id: its commit could not be resolved)"
+    else:
+        weights = hashlib.blake2b(json.dumps(model.folder_files(source, TEXT_ENCODER, cfg.s3)).encode(),
+                                  digest_size=8).hexdigest()
     return TextInfo(source=source, pipeline=name, encoder_class=encoder_class, tokenizer_class=tokenizer_class,
                     max_sequence_length=int(length), hidden_size=int(hidden),
                     attention_mask="prompt_attention_mask" in inspect.signature(cls.encode_prompt).parameters,
                     pipeline_config=pipeline_config,
                     encoder_files=model.folder_files(source, TEXT_ENCODER, cfg.s3, HEAD_BYTES),
-                    tokenizer_files=tokenizer_files)
+                    tokenizer_files=tokenizer_files, encoder_weights=weights, revision=revision)
 
 
 def sidecar(path: str) -> str:
