@@ -40,11 +40,12 @@ class Output:
             self.uri, self.args = str(tmp_path / "out"), []
 
     def state(self) -> dict:
-        """Every object in OUTPUT: {name: bytes} locally, {key: ETag} on S3."""
+        """Every object in OUTPUT but the lease (its holder's heartbeat rewrites it when it will):
+        {name: bytes} locally, {key: ETag} on S3."""
         if not self.s3:
-            return files_of(self.uri)
+            return {k: v for k, v in files_of(self.uri).items() if k != lease.NAME}
         listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix="out/").get("Contents", [])
-        return {o["Key"]: o["ETag"] for o in listed}
+        return {o["Key"]: o["ETag"] for o in listed if o["Key"] != f"out/{lease.NAME}"}
 
     def read(self, name: str) -> dict | None:
         try:
@@ -95,6 +96,7 @@ def test_a_second_run_into_a_running_output_exits_2_naming_it_and_changes_nothin
     first, hooks = _blocked_first_run(one_video, tiny_vae, output)
     try:
         held = output.read(lease.NAME)
+        assert held is not None, "the running first run holds no lease on OUTPUT"
         assert held["pid"] == first.proc.pid and held["host"] == socket.gethostname(), held
         before = output.state()
         for extra in ([], ["--overwrite"]):  # a plain rerun, and one that would clear OUTPUT first
@@ -106,6 +108,7 @@ def test_a_second_run_into_a_running_output_exits_2_naming_it_and_changes_nothin
                                    f"run: run {held['run_id']} on {held['host']} (pid {held['pid']}, since "), line
             assert "last heartbeat" in line and f"delete {output.uri}/{lease.NAME}" in line, line
             assert output.state() == before  # refused before Ray started, OUTPUT untouched
+            assert output.read(lease.NAME)["run_id"] == held["run_id"]
         hooks.release("go")
         assert first.wait() == 0, first.output()[-3000:]
     finally:
