@@ -2,8 +2,9 @@
 
 Exit codes: 0 the run is complete (inputs that failed for their own reasons are listed in
 OUTPUT/errors); 1 the run failed (a systemic failure, the error-rate guard, or inputs whose
-retries were spent), with one line naming the cause; 2 a usage error, including OUTPUT holding
-a job with other settings (stderr says what to change).
+retries were spent, or OUTPUT's lease lost to another run), with one line naming the cause; 2 a
+usage error, including OUTPUT holding a job with other settings, or another live run writing into
+it (stderr says what to change).
 """
 from __future__ import annotations
 
@@ -257,14 +258,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def encode(cfg: Config) -> int:
-    from pipeline import job
     from pipeline.failures import RunFailed
     from pipeline.run import run
 
     try:
         cfg, info = validate(cfg)
-        job.check(cfg, info)  # before Ray starts: a rerun with other settings is refused
-        summary = run(cfg, info)
+        summary = run(cfg, info)  # the job's identity is checked there, under OUTPUT's lease
     except ConfigError as e:
         print(f"video-latents: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,5 +1,6 @@
 """Where things live in OUTPUT, and reading them back.
 
+  _lease.json                   the running encode's lease, while it runs (see pipeline.lease)
   _job.json                     the job's identity, written first (see pipeline.job)
   latents/part-<hash>.parquet   one row per clip; the hash is of the clip ids inside
   errors/err-<hash>.parquet     one row per input (or clip) that could not be encoded

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script: make the absolute imports belo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors.ledger import ANSWER_TIMEOUT_S  # noqa: E402
-from pipeline import cluster, decode, failures, job, layout, report, resume, sink, sources, spans, stats  # noqa: E402
+from pipeline import cluster, decode, failures, job, layout, lease, report, resume, sink, sources, spans, stats  # noqa: E402
 from pipeline.config import Config, data_batch_size, rows_per_file  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 
@@ -174,7 +174,14 @@ def run(cfg: Config, info: ModelInfo) -> dict:
     Raises ``job.JobMismatch`` (a usage error) when OUTPUT belongs to a job with other settings,
     and ``failures.RunFailed`` with a one-line cause when the run did not complete: a systemic
     failure, the error-rate guard, or inputs whose retries were spent (a rerun retries them).
+    Raises ``lease.LeaseHeld`` (a usage error) when another live run is writing into OUTPUT.
     """
+    with lease.hold(cfg.output, cfg.s3) as held:  # before anything in OUTPUT changes, and before Ray
+        job.check(cfg, info)  # a rerun with other settings is refused before Ray starts
+        return _run(cfg, info, held)
+
+
+def _run(cfg: Config, info: ModelInfo, held: lease.Lease) -> dict:
     started, run_started = time.perf_counter(), time.time()
     cluster.connect_ray()
     cfg, why = cluster.resolve(cfg, info.class_name)
@@ -204,6 +211,8 @@ def run(cfg: Config, info: ModelInfo) -> dict:
         "job_fingerprint": record["fingerprint"],
         "latent_check": timeline.latent_check if timeline else {"checked": False, "why": "nothing to encode"},
     }
+    # Only the run that holds OUTPUT, for the job OUTPUT records, may report on it or mark it done.
+    held.check(record["fingerprint"], lambda: layout.read_json(cfg.output, layout.JOB, cfg.s3))
     for warning in summary["latent_check"].get("warnings", []):
         print(f"video-latents: warning: stored latents: {warning}", file=sys.stderr)
     report.write_html(cfg, summary, timeline.timeline if timeline else [])

@@ -45,6 +45,11 @@ class Hooks:
                        "match": match, "seconds": seconds, "raise": fault}, f)
         os.replace(tmp, os.path.join(self.folder, f"{point}.arm"))
 
+    def release(self, name: str) -> None:
+        """Let go of arrivals waiting at a point armed ``"barrier"`` with ``on=name, count=1``: the
+        test itself is the arrival they wait for."""
+        os.close(os.open(os.path.join(self.folder, f"{name}.1"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+
     def arrivals(self, point: str) -> int:
         return len(glob.glob(os.path.join(self.folder, f"{point}.[0-9]*")))
 

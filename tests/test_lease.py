@@ -1,0 +1,176 @@
+"""One run at a time into an OUTPUT: a second encode (or --overwrite) while a run writes into it
+exits 2 before Ray starts, naming the running one, and changes nothing; a dead run's stale lease
+is taken over with one line saying so; a run whose lease (or job record) was taken from it
+mid-run never writes _SUCCESS. On a local folder and on a real S3 API server (moto): the two
+create the lease differently (an exclusive link; a PUT with If-None-Match)."""
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from pipeline import lease, samples
+from pipeline.cli import main
+from tests.conftest import HEIGHT, NUM_FRAMES, WIDTH
+from tests.hookctl import Hooks
+from tests.test_job import encode_in_a_fresh_process, files_of
+from tests.test_reliability import Driver
+
+SHAPE = ["--num-frames", str(NUM_FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
+
+
+@pytest.fixture(scope="module")
+def one_video(tmp_path_factory):
+    d = tmp_path_factory.mktemp("in")
+    samples.write_video(str(d / "a.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, 1))
+    return str(d)
+
+
+class Output:
+    """OUTPUT on a local folder or in a bucket on the moto server, read and written from the test."""
+
+    def __init__(self, backend: str, tmp_path, request):
+        self.s3 = backend == "s3"
+        if self.s3:
+            self.endpoint = request.getfixturevalue("s3_server")
+            self.client, self.bucket = request.getfixturevalue("s3_bucket")
+            self.uri, self.args = f"s3://{self.bucket}/out", ["--s3-endpoint", self.endpoint]
+        else:
+            self.uri, self.args = str(tmp_path / "out"), []
+
+    def state(self) -> dict:
+        """Every object in OUTPUT but the lease (its holder's heartbeat rewrites it when it will):
+        {name: bytes} locally, {key: ETag} on S3."""
+        if not self.s3:
+            return {k: v for k, v in files_of(self.uri).items() if k != lease.NAME}
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix="out/").get("Contents", [])
+        return {o["Key"]: o["ETag"] for o in listed if o["Key"] != f"out/{lease.NAME}"}
+
+    def read(self, name: str) -> dict | None:
+        try:
+            if self.s3:
+                return json.loads(self.client.get_object(Bucket=self.bucket, Key=f"out/{name}")["Body"].read())
+            with open(os.path.join(self.uri, name)) as f:
+                return json.load(f)
+        except (FileNotFoundError, self.client.exceptions.NoSuchKey if self.s3 else FileNotFoundError):
+            return None
+
+    def write_lease(self, body: dict) -> None:
+        """As another run (or a person) would: a plain write over whatever is there."""
+        data = json.dumps(body).encode()
+        if self.s3:
+            self.client.put_object(Bucket=self.bucket, Key=f"out/{lease.NAME}", Body=data)
+        else:
+            os.makedirs(self.uri, exist_ok=True)
+            tmp = os.path.join(self.uri, ".test-lease.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(self.uri, lease.NAME))
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    return Output(request.param, tmp_path, request)
+
+
+def _blocked_first_run(one_video, tiny_vae, output) -> tuple[Driver, Hooks]:
+    """The first run in its own process, blocked in its first encoder call until the test lets
+    go (``hooks.release("go")``), its input's marker committed: OUTPUT holds still."""
+    hooks = Hooks()
+    hooks.arm("marker", "signal")
+    hooks.arm("encode", "barrier", first=1, last=1, on="go", count=1)
+    driver = Driver(["encode", one_video, output.uri, "--model", tiny_vae, *SHAPE, *output.args], hooks)
+    hooks.wait("encode", "marker", proc=driver.proc, log=driver.log)
+    return driver, hooks
+
+
+def _failed_line(text: str) -> str:
+    said = [line for line in text.splitlines() if line.startswith("video-latents: run failed:")]
+    assert len(said) == 1, text[-3000:]
+    return said[0]
+
+
+def test_a_second_run_into_a_running_output_exits_2_naming_it_and_changes_nothing(
+        one_video, tiny_vae, output):
+    first, hooks = _blocked_first_run(one_video, tiny_vae, output)
+    try:
+        held = output.read(lease.NAME)
+        assert held is not None, "the running first run holds no lease on OUTPUT"
+        assert held["pid"] == first.proc.pid and held["host"] == socket.gethostname(), held
+        before = output.state()
+        for extra in ([], ["--overwrite"]):  # a plain rerun, and one that would clear OUTPUT first
+            second = encode_in_a_fresh_process([one_video, output.uri, "--model", tiny_vae, *SHAPE,
+                                                *output.args, *extra])
+            assert second.returncode == 2, second.stderr
+            (line,) = second.stderr.strip().splitlines()
+            assert line.startswith(f"video-latents: error: OUTPUT {output.uri} is being written by another "
+                                   f"run: run {held['run_id']} on {held['host']} (pid {held['pid']}, since "), line
+            assert "last heartbeat" in line and f"delete {output.uri}/{lease.NAME}" in line, line
+            assert output.state() == before  # refused before Ray started, OUTPUT untouched
+            assert output.read(lease.NAME)["run_id"] == held["run_id"]
+        hooks.release("go")
+        assert first.wait() == 0, first.output()[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+        hooks.close()
+    assert output.read("_SUCCESS")["complete"] is True
+    assert output.read(lease.NAME) is None  # given back
+
+
+def test_a_run_whose_lease_was_taken_over_does_not_mark_output_complete_and_a_stale_lease_is_taken_over(
+        ray_local, one_video, tiny_vae, output, capsys):
+    first, hooks = _blocked_first_run(one_video, tiny_vae, output)
+    try:
+        ours = output.read(lease.NAME)
+        now = time.time()
+        other = {"run_id": "other-run", "host": "elsewhere", "pid": 4242, "taken_at": now, "heartbeat_at": now}
+        output.write_lease(other)  # another run took OUTPUT while the first was encoding
+        hooks.release("go")
+        assert first.wait() == 1, first.output()[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+        hooks.close()
+    line = _failed_line(first.output())
+    assert f"was taken over by run other-run on elsewhere (pid 4242, since " in line, line
+    assert f"while this run (run {ours['run_id']}) was writing" in line, line
+    assert output.read("_SUCCESS") is None
+    assert output.read(lease.NAME) == other  # not ours to give back
+
+    # That other run died: its heartbeat is older than the stale bound. A rerun takes over.
+    output.write_lease({**other, "heartbeat_at": time.time() - lease.STALE_AFTER_S - 60})
+    capsys.readouterr()
+    assert main(["encode", one_video, output.uri, "--model", tiny_vae, *SHAPE, *output.args]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "lease" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "video-latents: taking over OUTPUT's lease from run other-run on elsewhere (pid 4242, since "), said
+    assert f"stale after {lease.STALE_AFTER_S:.0f} s" in said[0], said[0]
+    assert output.read("_SUCCESS")["complete"] is True
+    assert output.read(lease.NAME) is None
+
+
+def test_success_needs_the_job_record_to_be_still_this_runs(output):
+    """The last check before _SUCCESS, on its own (no Ray): the lease is ours, but the job record
+    names another job."""
+    with lease.hold(output.uri, getattr(output, "endpoint", None)) as held:
+        held.check("fp-a", lambda: {"fingerprint": "fp-a"})
+        with pytest.raises(lease.LeaseLost, match=r"job record was replaced .* \(fingerprint fp-a -> fp-b\)"):
+            held.check("fp-a", lambda: {"fingerprint": "fp-b"})
+    assert output.read(lease.NAME) is None
+
+
+def test_of_two_runs_taking_over_one_dead_run_one_wins(output):
+    """Both read the same stale lease; the first takeover lands, the second's compare-and-swap
+    fails, and it then finds a live lease."""
+    endpoint = getattr(output, "endpoint", None)
+    output.write_lease({"run_id": "dead", "heartbeat_at": time.time() - lease.STALE_AFTER_S - 60})
+    late = lease.hold(output.uri, endpoint)
+    _, stale_token = late.store.read()
+    with lease.hold(output.uri, endpoint) as winner:
+        assert late.store.replace(late.body, stale_token, takeover=True) is None
+        with pytest.raises(lease.LeaseHeld, match=f"run {winner.run_id} on "):
+            late.take()
+        assert output.read(lease.NAME)["run_id"] == winner.run_id
+    assert output.read(lease.NAME) is None
