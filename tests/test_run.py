@@ -130,6 +130,68 @@ def test_when_nothing_tells_the_maximum_the_plan_says_it_is_only_the_gpus_presen
     assert cfg.device == "cpu"  # no GPU present and none the autoscaler is known to add
 
 
+KUBERNETES_READ = """
+import json, sys
+from pipeline import cluster
+limit = cluster.gpu_limit()
+print(json.dumps([limit.gpus, limit.source, cluster.pool_gpus(0, limit)[1]]))
+"""
+
+
+def test_on_a_kuberay_head_the_raycluster_is_read_from_the_kubernetes_api(tmp_path):
+    """A KubeRay head (RAY_CLUSTER_NAME/NAMESPACE set) reads its RayCluster from the Kubernetes
+    API as KubeRay's autoscaler does (Ray's client: HTTPS, the API path, its credentials), here
+    from a local HTTPS server that answers with kuberay.yaml as the API server would."""
+    import http.server
+    import json
+    import os
+    import ssl
+    import subprocess
+    import sys
+    import threading
+
+    import yaml
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    with open(os.path.join(repo, "kuberay.yaml")) as f:
+        body = json.dumps({**yaml.safe_load(f), "metadata": {"name": "video-latents", "namespace": "batch"}}).encode()
+    paths = []
+
+    class API(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), API)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # No service account token outside a pod: Ray's client then takes a client certificate.
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_CLUSTER_NAME": "video-latents", "RAY_CLUSTER_NAMESPACE": "batch",
+           "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT_HTTPS": str(server.server_address[1]),
+           "RAY_KUBERAY_CLIENT_CERT_PATH": cert, "RAY_KUBERAY_CLIENT_KEY_PATH": key, "RAY_KUBERAY_CA_CERT_PATH": cert}
+    try:
+        out = subprocess.run([sys.executable, "-c", KUBERNETES_READ], env=env, capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr[-3000:]
+    gpus, source, why = json.loads(out.stdout.splitlines()[-1])
+    assert (gpus, source) == (8.0, "the RayCluster batch/video-latents") and why == f"up to 8 GPUs ({source})"
+    assert paths == ["/apis/ray.io/v1/namespaces/batch/rayclusters/video-latents"]
+
+
 def test_a_cluster_config_that_is_neither_kind_is_a_usage_error(tmp_path):
     from pipeline.config import ConfigError, validate
 
