@@ -262,7 +262,8 @@ class VAEEncoder:
         import ray
 
         try:
-            return bool(ray.get(self.ledger.systemic.remote(cause, actor), timeout=ANSWER_TIMEOUT_S))
+            final = failures.first_line(e) if getattr(e, "stops_run", False) else None
+            return bool(ray.get(self.ledger.systemic.remote(cause, actor, final), timeout=ANSWER_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
             log.exception("the run's ledger did not take the cause")
             return False

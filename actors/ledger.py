@@ -105,11 +105,16 @@ class RunLedger:
     def timeline(self) -> list[tuple[float, int]]:
         return list(self.encoded)
 
-    def systemic(self, cause: str, actor: str | None = None) -> bool:
+    def systemic(self, cause: str, actor: str | None = None, final: str | None = None) -> bool:
         """Record a systemic cause met by encoder ``actor`` (None: a task, not retried here).
         True once that actor has met this cause SYSTEMIC_REPEATS_TO_STOP times in a row: its
         restart did not help, the run stops, and this is the cause it names. Other actors count
-        apart, so one GPU's passing fault, retried and recovered, never stops the run for another's."""
+        apart, so one GPU's passing fault, retried and recovered, never stops the run for another's.
+        ``final``: a cause no restart mends (``SystemicFailure.stops_run``): the run stops now,
+        with that one line."""
+        if final:
+            self.stop = self.stop or final
+            return True
         self.cause = self.cause or cause  # the first cause; later ones are usually its echoes
         if actor is None:
             return False

@@ -107,8 +107,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: cuda when the cluster has GPUs or its autoscaler can add them, else cpu")
     p.add_argument("--cluster-config", metavar="CLUSTER.yaml", default=None,
-                   help="the Ray autoscaler config, to size the encoder pool by what the cluster can grow "
-                        "to (default: the one `ray up` leaves on the head node, when present)")
+                   help="the Ray autoscaler config or the KubeRay RayCluster manifest, to size the encoder "
+                        "pool by what the cluster can grow to (default: the autoscaler's own view where "
+                        "Ray or KubeRay exposes it, else the config `ray up` leaves on the head node)")
     p.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--slicing", action=argparse.BooleanOptionalAction, default=False)
     text = p.add_argument_group("for trainers: prompt embeddings and image-to-video latents")

@@ -226,6 +226,13 @@ def _check_shapes(cfg: Config, info: ModelInfo) -> None:
 def validate(cfg: Config) -> tuple[Config, ModelInfo]:
     """Check every option, the input and the model; return the config to run and the model info."""
     _check_options(cfg)
+    if cfg.cluster_config:
+        from pipeline.cluster import read_cluster_config
+
+        try:
+            read_cluster_config(cfg.cluster_config)
+        except ValueError as e:
+            raise ConfigError(f"--cluster-config {cfg.cluster_config}: {e}") from None
     if cfg.manifest:
         from pipeline import sources
 

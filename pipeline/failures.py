@@ -46,7 +46,11 @@ class NonFinite(InputError):
 
 
 class SystemicFailure(RuntimeError):
-    """The model, the device or OUTPUT failed: the run must stop, marking nothing done."""
+    """The model, the device or OUTPUT failed: the run must stop, marking nothing done.
+    ``stops_run``: no restart or retry can mend it, so the run stops at the first meeting, with
+    this message as its one line."""
+
+    stops_run = False
 
 
 class GuardTripped(RuntimeError):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.failures import SystemicFailure
 
 CONFIG_NAME = "config.json"
 VAE_SUBFOLDER = "vae"
@@ -20,6 +21,19 @@ VAE_SUBFOLDER = "vae"
 
 class ModelError(ValueError):
     """The model cannot be found or is not a supported video VAE."""
+
+
+class ModelChanged(SystemicFailure):
+    """A model file on S3 is not the one the run fingerprinted when it started: its weights were
+    replaced (or deleted) under the run. No restart mends it; the run stops, naming the file."""
+
+    stops_run = True
+
+    def __init__(self, source: str, name: str, expected: str, now: str | None):
+        super().__init__(
+            f"the model at {source} changed during the run ({name}: ETag {expected} when the run "
+            f"started, {now or 'deleted'} now); what this run wrote so far is from the weights it "
+            "started with: rerun with --overwrite (or into a new OUTPUT) to encode with the new ones")
 
 
 @dataclass(frozen=True)
@@ -288,7 +302,9 @@ def local_model_dir(info: ModelInfo, s3=None) -> str:
 
 def fetch_folder(source: str, subfolder: str | None, files: tuple, s3=None) -> str:
     """``source`` itself when local; for S3, a node-local copy of ``subfolder`` alone (the listed
-    ``files``), made once per node under a file lock and keyed by the files' sizes and ETags."""
+    ``files``), made once per node under a file lock and keyed by the files' sizes and ETags.
+    Each file is fetched as the ETag in ``files`` names it (If-Match), so weights replaced on S3
+    since the driver fingerprinted them are refused (ModelChanged), never cached under the old key."""
     if not storage.is_s3(source):
         return os.path.expanduser(source)
     import filelock  # a huggingface_hub dependency
@@ -302,10 +318,12 @@ def fetch_folder(source: str, subfolder: str | None, files: tuple, s3=None) -> s
             folder = storage.join(source, subfolder) if subfolder else source
             local = os.path.join(target, subfolder) if subfolder else target
             os.makedirs(local, exist_ok=True)
-            for name, _, _ in files:
-                fs, path = storage.resolve(storage.join(folder, name), s3)
-                with fs.open_input_stream(path) as src, open(os.path.join(local, name), "wb") as dst:
-                    while chunk := src.read(16 << 20):
-                        dst.write(chunk)
+            for name, _, content_key in files:
+                etag = content_key[len("etag:"):] if content_key.startswith("etag:") else None
+                try:
+                    storage.download(storage.join(folder, name), os.path.join(local, name), s3, etag or None)
+                except storage.ObjectChanged as e:
+                    raise ModelChanged(source, f"{subfolder}/{name}" if subfolder else name, e.expected,
+                                       e.now) from None
             open(done, "w").close()
     return target

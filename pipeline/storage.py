@@ -105,6 +105,85 @@ def read_bytes(uri: str, s3=None) -> bytes:
         return f.read()
 
 
+class ObjectChanged(Exception):
+    """The object under a key is no longer the one its ETag named (replaced or deleted)."""
+
+    def __init__(self, uri: str, expected: str, now: str | None):
+        super().__init__(f"{uri}: ETag {expected} expected, {now or 'no object'} now")
+        self.uri, self.expected, self.now = uri, expected, now
+
+
+@functools.lru_cache(maxsize=16)
+def _boto_s3(endpoint: str | None, region: str | None, max_attempts: int):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                        config=BotoConfig(retries={"max_attempts": max_attempts, "mode": "standard"},
+                                          connect_timeout=10, read_timeout=60))
+
+
+# Bytes per ranged GET of download(): each range is its own request, retried apart.
+DOWNLOAD_RANGE = 64 << 20
+
+
+def download(uri: str, dest: str, s3=None, etag: str | None = None) -> None:
+    """Copy a file to the local path ``dest``. On S3, with ``etag``, only that version of the
+    object: each ranged GET carries If-Match, so the store refuses other bytes (ObjectChanged)
+    and a copy is never part old object, part new. A range whose transfer breaks is asked again."""
+    if not is_s3(uri):
+        import shutil
+
+        shutil.copyfile(os.path.expanduser(uri), dest)
+        return
+    from botocore.exceptions import ClientError
+
+    opts = _options(s3)
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    client = _boto_s3(opts.endpoint, _region(bucket, opts.endpoint), opts.max_attempts)
+    condition = {"IfMatch": f'"{etag}"'} if etag else {}
+    with open(dest, "wb") as out:
+        start, size = 0, None
+        while size is None or start < size:
+            end = start + DOWNLOAD_RANGE - 1
+            for attempt in range(opts.max_attempts):
+                try:
+                    reply = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", **condition)
+                    data = reply["Body"].read()
+                    break
+                except ClientError as e:
+                    code = e.response.get("Error", {}).get("Code", "")
+                    if etag and code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                        raise ObjectChanged(uri, etag, _etag_now(client, bucket, key)) from None
+                    if code == "InvalidRange" and start == 0:  # an empty object
+                        return
+                    raise
+                except _stream_errors() as e:
+                    if attempt + 1 == opts.max_attempts:
+                        raise OSError(f"reading {uri}: {e}") from e
+            out.write(data)
+            size = int(reply["ContentRange"].rsplit("/", 1)[1]) if reply.get("ContentRange") else len(data)
+            start += len(data)
+            if not data:
+                break
+
+
+def _etag_now(client, bucket: str, key: str) -> str | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    except ClientError:
+        return None
+
+
+def _stream_errors() -> tuple:
+    """What botocore raises when a response's body breaks off (the request itself it retries)."""
+    from botocore import exceptions as be
+
+    return (be.ResponseStreamingError, be.ReadTimeoutError, be.IncompleteReadError, ConnectionError)
+
+
 def write_bytes_atomic(uri: str, data: bytes, s3=None) -> None:
     """Write a whole object so that a reader sees the old state or the new one, never a part.
 

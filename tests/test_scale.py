@@ -96,6 +96,71 @@ def test_only_the_vae_is_fetched_from_an_s3_model_and_new_weights_are_fetched_ag
     assert pq.read_table(str(tmp_path / "out" / "latents")).column("latents").to_pylist() != first
 
 
+def test_a_model_file_replaced_after_the_run_fingerprinted_it_is_refused_not_fetched(s3_server, s3_bucket,
+                                                                                      tmp_path, monkeypatch):
+    """The node's fetch asks for the ETag the driver saw (If-Match): weights replaced on S3 in
+    between are refused with one line naming the file and both ETags, and nothing is cached."""
+    import uuid
+
+    from pipeline import model
+    from tests.conftest import upload_folder
+
+    client, bucket = s3_bucket
+    prefix = f"models/{uuid.uuid4().hex[:8]}"
+    upload_folder(client, bucket, samples.make_tiny_vae(str(tmp_path / "m1")), prefix)
+    info = model.inspect_model(f"s3://{bucket}/{prefix}", endpoint=s3_server)  # as the driver does
+    key = f"{prefix}/vae/diffusion_pytorch_model.safetensors"
+    before = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    upload_folder(client, bucket, samples.make_tiny_vae(str(tmp_path / "m2"), seed=1), prefix)  # retrained
+    after = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    assert before != after
+    monkeypatch.setenv("VIDEO_LATENTS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(model.ModelChanged) as e:
+        model.local_model_dir(info, s3_server)
+    assert str(e.value) == (
+        f"the model at s3://{bucket}/{prefix} changed during the run (vae/diffusion_pytorch_model.safetensors: "
+        f"ETag {before} when the run started, {after} now); what this run wrote so far is from the weights "
+        "it started with: rerun with --overwrite (or into a new OUTPUT) to encode with the new ones")
+    assert not [p for p in (tmp_path / "cache").rglob(".complete")]  # a later run fetches afresh
+
+
+def test_weights_replaced_during_a_run_stop_it_with_one_line(ray_local, s3_server, s3_bucket, hooks, tmp_path, capsys):
+    """Through the CLI: the VAE's weights are replaced on S3 after the driver fingerprinted the
+    model and before the encoder actor fetches it (it waits at its start for the test to replace
+    them): the run exits 1 with the one line, nothing encoded under the old identity."""
+    import threading
+    import uuid
+
+    from pipeline import hooks as pipeline_hooks
+    from tests.conftest import upload_folder
+
+    client, bucket = s3_bucket
+    prefix = f"models/{uuid.uuid4().hex[:8]}"  # a fresh URI: no node cache has it
+    upload_folder(client, bucket, samples.make_tiny_vae(str(tmp_path / "m1")), prefix)
+    videos = str(tmp_path / "in")
+    samples.write_video(os.path.join(videos, "a.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH))
+    hooks.arm("encoder-start", "barrier", on="weights-replaced", count=1)
+    hooks.arm("weights-replaced", "signal")
+
+    def replace_when_the_encoder_starts():
+        hooks.wait("encoder-start")
+        upload_folder(client, bucket, samples.make_tiny_vae(str(tmp_path / "m2"), seed=1), prefix)
+        pipeline_hooks.reach("weights-replaced")  # lets the encoder actor go on to its fetch
+
+    replacer = threading.Thread(target=replace_when_the_encoder_starts, daemon=True)
+    replacer.start()
+    code = main(["encode", videos, str(tmp_path / "out"), "--model", f"s3://{bucket}/{prefix}",
+                 "--s3-endpoint", s3_server, *SHAPE])
+    replacer.join(timeout=60)
+    err = capsys.readouterr().err
+    assert code == 1, err[-3000:]
+    failed = [line for line in err.splitlines() if line.startswith("video-latents: run failed")]
+    assert len(failed) == 1 and failed[0].startswith(
+        f"video-latents: run failed: the model at s3://{bucket}/{prefix} changed during the run "
+        "(vae/diffusion_pytorch_model.safetensors: ETag "), err[-3000:]
+    assert not os.path.exists(os.path.join(tmp_path, "out", "latents")) or not file_rows(str(tmp_path / "out"))
+
+
 PEAK_RSS = """
 import resource, sys
 from pipeline import decode
