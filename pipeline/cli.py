@@ -116,9 +116,10 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                            "pipeline uses one), computed as the family's diffusers pipeline computes them")
     text.add_argument("--text-encoder", metavar="PATH", default=None,
                       help="folder (local or s3://) holding text_encoder/ and tokenizer/ (default: --model)")
-    text.add_argument("--caption-column", default="caption",
-                      help="the manifest's caption column (default caption); without a manifest, the .txt "
-                           "file beside each video")
+    text.add_argument("--caption-column", default=None,
+                      help="the --manifest column holding the captions (default: caption, when the "
+                           "manifest has one); an empty cell, or no manifest, takes the .txt file beside "
+                           "each video")
     text.add_argument("--text-max-length", type=int, default=None, metavar="L",
                       help="tokens (default: the pipeline's: CogVideoX 226, Mochi 256, LTX-Video 128, Wan 512)")
     text.add_argument("--text-gpus", type=float, default=0.25, metavar="FRACTION",

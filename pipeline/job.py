@@ -55,7 +55,7 @@ def identity(cfg: Config, info: ModelInfo) -> dict:
         "--tiling": cfg.tiling,  # tiles are blended at their seams: other values
         # Off: None, so that jobs recorded before these options existed keep their identity.
         "--text-embeddings": _digest(info.text.identity()) if cfg.text_embeddings and info.text else None,
-        "--caption-column": cfg.caption_column if cfg.text_embeddings and cfg.manifest else None,
+        "--caption-column": cfg.caption_field if cfg.text_embeddings and cfg.manifest else None,
         "text dtype": text_dtype(cfg) if cfg.text_embeddings else None,
         "--image-latents": True if cfg.image_latents else None,
         "INPUT": _where(cfg.input),
