@@ -232,3 +232,64 @@ def test_stored_latents_check_warns_when_off():
     assert stats.check(stats.moments(bad), True, "mode")["nonfinite_values"] == 1
     assert not stats.check(total, True, "dist")["checked"]
 
+
+def _text_encoder_with_limited_memory(actor, fits) -> list:
+    """Make the actor's real text encoder raise CUDA's out-of-memory error unless
+    ``fits(input_ids)``, as a GPU shared with a VAE actor would; returns the batch sizes it was
+    called with (as tests/test_encoder.py does to the VAE)."""
+    encoder, calls = actor.view.text_encoder, []
+    real_forward = encoder.forward
+
+    def forward(input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        if not fits(input_ids):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(input_ids, *args, **kwargs)
+
+    encoder.forward = forward
+    return calls
+
+
+def test_text_encoder_out_of_memory_halves_then_goes_caption_by_caption(tmp_path):
+    """Out of memory above two captions, the actor halves its batch, then goes one caption at a
+    time, with the embeddings of a run that never failed; a caption that alone does not fit gives
+    its clip the row the VAE's ladder gives a clip that does not fit (retryable, class resource),
+    and the other clips go on with all their columns."""
+    import pyarrow.parquet as pq
+
+    from actors.text import TextEncoder
+
+    model = _model(tmp_path / "m", "Mochi")  # a mask too: both tensors follow the kept rows
+    cfg, info = validate(Config(input=str(tmp_path / "m"), output=str(tmp_path / "out"), model=model,
+                                num_frames=TINY[FAMILIES["Mochi"][0]][1], height=HEIGHT, width=WIDTH,
+                                text_embeddings=True, latent_dtype="float32", device="cpu"))
+    captions = [c + " " + w for c in samples.CAPTIONS for w in ("today", "again")][:5]
+    batch = {"caption": np.array(captions, dtype=object),
+             "clip_id": np.array([f"c{i}" for i in range(5)], dtype=object),
+             "source_uri": np.array([f"v{i}.mp4" for i in range(5)], dtype=object),
+             "latents": np.arange(5, dtype=np.float32)[:, None]}
+    clean = TextEncoder(cfg, info.text)(dict(batch))
+
+    actor = TextEncoder(cfg, info.text)
+    calls = _text_encoder_with_limited_memory(actor, lambda ids: ids.shape[0] <= 2)
+    out = actor(dict(batch))
+    assert calls == [5, 2, 3, 1, 2]  # 5 fails; halves of 2 and 3; the 3 fails; then 1 and 2
+    np.testing.assert_array_equal(out[PROMPT_MASK], clean[PROMPT_MASK])
+    np.testing.assert_allclose(out[PROMPT_EMBEDS], clean[PROMPT_EMBEDS], rtol=1e-5, atol=1e-6)
+
+    big = actor.view.tokenizer(captions[3], padding="max_length", max_length=info.text.max_sequence_length,
+                               truncation=True, return_tensors="pt").input_ids
+    actor = TextEncoder(cfg, info.text)
+    calls = _text_encoder_with_limited_memory(
+        actor, lambda ids: ids.shape[0] == 1 and not torch.equal(ids, big))
+    out = actor(dict(batch))
+    assert sorted(calls).count(1) == 5  # every caption tried alone
+    assert list(out["clip_id"]) == ["c0", "c1", "c2", "c4"] and list(out["latents"][:, 0]) == [0, 1, 2, 4]
+    keep = [0, 1, 2, 4]
+    np.testing.assert_allclose(out[PROMPT_EMBEDS], clean[PROMPT_EMBEDS][keep], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[PROMPT_MASK], clean[PROMPT_MASK][keep])
+    (row,) = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert (row["source_uri"], row["clip_id"], row["error_type"], row["error_class"], row["retryable"]) == \
+        ("v3.mp4", "c3", "OutOfMemory", "resource", True)
+    assert captions[3] not in actor.cache  # tried afresh by the next batch that has it
+
