@@ -83,7 +83,8 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="storage dtype")
     p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="clips per VAE call (default auto: 2 on CPU, the best in the sweep; on CUDA the "
-                        "largest that fits in the GPU's memory with headroom, found once when an actor starts)")
+                        "largest that fits in the actor's share of its GPU's memory with headroom, found once when an "
+                        "actor starts)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                    help="the VAE's tensors: auto is channels_last_3d on CPU (faster there, measured), "
                         "contiguous on CUDA")

@@ -117,7 +117,8 @@ class Config:
 
 # --batch-size auto. On CPU: the best in the pipeline's sweep (BENCHMARKS.md). On CUDA, Ray Data
 # hands actors batches of up to GPU_MAX_BATCH clips, and each actor encodes them in chunks of the
-# largest size that fits in its GPU's memory with GPU_MEMORY_HEADROOM to spare, found at start.
+# largest size that fits in its share of its GPU's memory (its fraction of the GPU, as Ray
+# reserved it) with GPU_MEMORY_HEADROOM to spare, found at start.
 CPU_BATCH = 2
 GPU_MAX_BATCH = 8
 GPU_MEMORY_HEADROOM = 0.2

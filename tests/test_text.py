@@ -293,3 +293,24 @@ def test_text_encoder_out_of_memory_halves_then_goes_caption_by_caption(tmp_path
         ("v3.mp4", "c3", "OutOfMemory", "resource", True)
     assert captions[3] not in actor.cache  # tried afresh by the next batch that has it
 
+
+def test_the_vae_batch_search_is_sized_to_the_actors_share_of_the_gpu():
+    """The VAE actor's batch search stops at its own share of the GPU (Ray's fractional
+    num_gpus), not the whole device's memory, and never above what the process can get now."""
+    from actors.encoder import VAEEncoder, batch_memory_budget, device_share
+    from pipeline.config import GPU_MEMORY_HEADROOM
+
+    gib = 1 << 30
+    keep = 1 - GPU_MEMORY_HEADROOM
+    assert batch_memory_budget(80 * gib, 80 * gib, 0, 1.0) == keep * 80 * gib  # alone on the device
+    assert batch_memory_budget(80 * gib, 79 * gib, 2 * gib, 0.75) == keep * 60 * gib  # its share
+    assert batch_memory_budget(80 * gib, 30 * gib, 2 * gib, 0.75) == keep * 32 * gib  # less is free now
+
+    def share(**kw):
+        cfg = Config(input="i", output="o", model="m", device="cuda", **kw)
+        return device_share(VAEEncoder.ray_options(cfg)["num_gpus"])
+
+    assert share() == 1.0
+    assert share(text_embeddings=True) == 0.75  # --text-gpus 0.25 is the text actor's
+    assert share(gpus_per_actor=0.5, text_embeddings=True, text_gpus=0.5) == 0.25
+    assert share(gpus_per_actor=2) == 1.0  # two whole GPUs: it computes on the first, alone
