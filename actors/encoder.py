@@ -126,10 +126,13 @@ class VAEEncoder:
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     def _fit_batch(self) -> int:
-        """The largest batch (a power of two, up to GPU_MAX_BATCH) whose encode peaks under the
-        GPU's memory less GPU_MEMORY_HEADROOM: tried once, on blank clips of the largest shape."""
+        """The largest batch (a power of two, up to GPU_MAX_BATCH) whose encode peaks under this
+        actor's share of the GPU's memory less GPU_MEMORY_HEADROOM (``batch_memory_budget``):
+        tried once, on blank clips of the largest shape."""
         torch = self.torch
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = batch_memory_budget(total, free, torch.cuda.memory_reserved(self.device),
+                                     device_share(self.ray_options(self.cfg)["num_gpus"]))
         height, width = max(self.cfg.buckets or ((self.cfg.height, self.cfg.width),), key=lambda b: b[0] * b[1])
         best, size = 1, 1
         while size <= GPU_MAX_BATCH:
@@ -144,7 +147,7 @@ class VAEEncoder:
                 break
             finally:
                 torch.cuda.empty_cache()
-            if torch.cuda.max_memory_allocated(self.device) > (1 - GPU_MEMORY_HEADROOM) * total:
+            if torch.cuda.max_memory_allocated(self.device) > budget:
                 break
             best, size = size, size * 2
         return best
@@ -313,6 +316,24 @@ class VAEEncoder:
         stop = ray.get(self.ledger.clip_outcomes.remote(ok, failed_as, moments, self.actor_id))
         if stop:
             raise failures.GuardTripped(stop)
+
+
+def device_share(num_gpus: float) -> float:
+    """The share of its device an actor that reserved ``num_gpus`` holds: Ray packs fractional
+    actors onto one GPU (--gpus-per-actor 0.5: two VAE actors; --text-embeddings: the VAE actor
+    1 - --text-gpus of its slot, the text actor the rest), and an actor with one or more whole
+    GPUs computes on the first, alone."""
+    return min(1.0, num_gpus) if num_gpus > 0 else 1.0
+
+
+def batch_memory_budget(total: int, free: int, held: int, share: float) -> float:
+    """Bytes an encode may peak at (torch's max_memory_allocated, the model's weights included)
+    in the batch search: this actor's ``share`` of the device's ``total``, and never more than
+    what this process can have now (the device's ``free`` bytes plus those its own allocator
+    ``held``s), less GPU_MEMORY_HEADROOM. Sized against the whole device, a VAE actor that holds
+    0.75 of a GPU could take batches that fill it, leaving the text actor beside it (or a second
+    VAE actor) out of memory."""
+    return (1 - GPU_MEMORY_HEADROOM) * min(total * share, free + held)
 
 
 def cpu_threads(cfg: Config) -> int:

@@ -84,7 +84,8 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="storage dtype")
     p.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
                    help="clips per VAE call (default auto: 2 on CPU, the best in the sweep; on CUDA the "
-                        "largest that fits in the GPU's memory with headroom, found once when an actor starts)")
+                        "largest that fits in the actor's share of its GPU's memory with headroom, found once when an "
+                        "actor starts)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                    help="the VAE's tensors: auto is channels_last_3d on CPU (faster there, measured), "
                         "contiguous on CUDA")
@@ -118,9 +119,10 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                            "pipeline uses one), computed as the family's diffusers pipeline computes them")
     text.add_argument("--text-encoder", metavar="PATH", default=None,
                       help="folder (local or s3://) holding text_encoder/ and tokenizer/ (default: --model)")
-    text.add_argument("--caption-column", default="caption",
-                      help="the manifest's caption column (default caption); without a manifest, the .txt "
-                           "file beside each video")
+    text.add_argument("--caption-column", default=None,
+                      help="the --manifest column holding the captions (default: caption, when the "
+                           "manifest has one); an empty cell, or no manifest, takes the .txt file beside "
+                           "each video")
     text.add_argument("--text-max-length", type=int, default=None, metavar="L",
                       help="tokens (default: the pipeline's: CogVideoX 226, Mochi 256, LTX-Video 128, Wan 512)")
     text.add_argument("--text-gpus", type=float, default=0.25, metavar="FRACTION",

@@ -16,6 +16,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 LATENT_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 MEMORY_FORMATS = ("auto", "channels_last_3d", "contiguous")
+DEFAULT_CAPTION_COLUMN = "caption"
 
 
 def redact_url(url: str | None) -> str | None:
@@ -61,7 +62,9 @@ class Config:
     # Prompt embeddings, computed by a text encoder actor pool after the VAE (pipeline.text).
     text_embeddings: bool = False
     text_encoder: str | None = None  # folder with text_encoder/ and tokenizer/ (default: --model)
-    caption_column: str = "caption"  # in a manifest; else the .txt beside each video
+    # The manifest's caption column; None: `caption` when the manifest has one. Empty cells (and
+    # inputs without a manifest) take the .txt beside the video.
+    caption_column: str | None = None
     text_max_length: int | None = None  # None: the family pipeline's default
     text_gpus: float = 0.25  # of each encoder slot's --gpus-per-actor, given to its text encoder actor
     image_latents: bool = False  # the first frame of each clip encoded alone, as image-to-video conditioning
@@ -95,6 +98,11 @@ class Config:
         return storage.S3Options(self.s3_endpoint, self.s3_max_attempts)
 
     @property
+    def caption_field(self) -> str:
+        """The manifest column captions are read from."""
+        return self.caption_column or DEFAULT_CAPTION_COLUMN
+
+    @property
     def stride(self) -> int:
         return self.clip_stride or self.num_frames
 
@@ -110,7 +118,8 @@ class Config:
 
 # --batch-size auto. On CPU: the best in the pipeline's sweep (BENCHMARKS.md). On CUDA, Ray Data
 # hands actors batches of up to GPU_MAX_BATCH clips, and each actor encodes them in chunks of the
-# largest size that fits in its GPU's memory with GPU_MEMORY_HEADROOM to spare, found at start.
+# largest size that fits in its share of its GPU's memory (its fraction of the GPU, as Ray
+# reserved it) with GPU_MEMORY_HEADROOM to spare, found at start.
 CPU_BATCH = 2
 GPU_MAX_BATCH = 8
 GPU_MEMORY_HEADROOM = 0.2
@@ -175,6 +184,9 @@ def _check_options(cfg: Config) -> None:
     _check(0 < cfg.text_gpus < 1, "--text-gpus must be a fraction between 0 and 1 of each encoder slot")
     _check(cfg.text_max_length is None or cfg.text_max_length >= 1, "--text-max-length must be at least 1")
     _check(cfg.text_encoder is None or cfg.text_embeddings, "--text-encoder needs --text-embeddings")
+    _check(cfg.caption_column is None or (cfg.text_embeddings and cfg.manifest),
+           "--caption-column names the --manifest column that holds the captions: it needs --manifest "
+           "and --text-embeddings (without a manifest, each video's caption is the .txt beside it)")
     _check(cfg.rows_per_file is None or cfg.rows_per_file >= 1, "--rows-per-file must be at least 1")
     _check(cfg.decode_cpus > 0, "--decode-cpus must be positive")
     _check(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")

@@ -71,7 +71,7 @@ def identity(cfg: Config, info: ModelInfo) -> dict:
         "--slicing": True if cfg.slicing else None,  # each clip of a batch alone: other kernels, other bits
         "--memory-format": _memory_format(cfg),
         "--text-embeddings": _digest(info.text.identity()) if cfg.text_embeddings and info.text else None,
-        "--caption-column": cfg.caption_column if cfg.text_embeddings and cfg.manifest else None,
+        "--caption-column": cfg.caption_field if cfg.text_embeddings and cfg.manifest else None,
         "text dtype": text_dtype(cfg) if cfg.text_embeddings else None,
         "text encoder weights": info.text.encoder_weights if cfg.text_embeddings and info.text else None,
         "--image-latents": True if cfg.image_latents else None,

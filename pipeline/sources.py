@@ -43,8 +43,12 @@ def read_manifest(cfg: Config) -> pa.Table:
 
 
 def manifest_extra_columns(cfg: Config) -> tuple[tuple[str, str], ...]:
-    """The manifest's own columns and the Arrow type each keeps in the output."""
+    """The manifest's own columns and the Arrow type each keeps in the output; a --caption-column
+    it does not have is refused (the default `caption` may be absent: the .txt files serve)."""
     columns = read_manifest(cfg).schema
+    if cfg.text_embeddings and cfg.caption_column and cfg.caption_column not in columns.names:
+        raise ValueError(f"no column {cfg.caption_column!r} for --caption-column "
+                         f"(it has {', '.join(columns.names)})")
     # With --text-embeddings the output has its own `caption` column: the caption each clip used.
     own = {schema.CAPTION} if cfg.text_embeddings else set()
     taken = {*schema.CLIP_COLUMNS, *schema.ENCODER_COLUMNS, *schema.ALL_TENSOR_COLUMNS, "extra"}
@@ -73,7 +77,7 @@ def _manifest_rows(cfg: Config) -> list[dict]:
         if source in seen:
             continue
         seen.add(source)
-        caption = record.get(cfg.caption_column) if cfg.text_embeddings else None
+        caption = record.get(cfg.caption_field) if cfg.text_embeddings else None  # empty: text.caption_for
         row = {"source_uri": source, "path": path, "size": -1, "start_sec": begin, "end_sec": end,
                "extra": json.dumps(record, default=str) if cfg.extra_columns else None,
                "caption": None if caption is None else str(caption)}

@@ -159,10 +159,16 @@ def sidecar(path: str) -> str:
 
 
 def caption_for(row: dict, cfg: Config) -> str:
-    """The input's caption: the manifest's --caption-column, else the .txt file beside the video
-    (read as UTF-8, surrounding whitespace stripped)."""
-    if row.get("caption") is not None:
-        return str(row["caption"])
+    """The input's caption: the manifest's caption cell, else the .txt file beside the video
+    (read as UTF-8, surrounding whitespace stripped).
+
+    A cell that is empty or only whitespace is missing, as an absent one is: a CSV reader gives
+    ``""`` for an empty cell, and taking it would give the clip the empty prompt's embeddings
+    (Mochi's pipeline even zeroes them) instead of its caption file's. An empty ``.txt`` is a
+    deliberate empty prompt (unconditional training) and is kept."""
+    cell = row.get("caption")
+    if cell is not None and str(cell).strip():
+        return str(cell)
     path = row.get("path") or row["source_uri"]
     try:
         return storage.read_bytes(sidecar(path), cfg.s3).decode("utf-8").strip()
@@ -170,5 +176,5 @@ def caption_for(row: dict, cfg: Config) -> str:
         raise NoCaption(f"--text-embeddings: the caption file {sidecar(path)} is not UTF-8 ({e.reason} at "
                         f"byte {e.start})") from None
     except FileNotFoundError:
-        where = f"no {cfg.caption_column!r} in its manifest row and " if cfg.manifest else ""
+        where = f"an empty {cfg.caption_field!r} cell in its manifest row and " if cfg.manifest else ""
         raise NoCaption(f"--text-embeddings: {where}no caption file {sidecar(path)}") from None

@@ -153,21 +153,67 @@ def test_one_pass_gives_latents_prompt_embeds_and_image_latents(tmp_path):
 
 def test_manifest_captions_and_their_column(tmp_path):
     """A manifest's caption column (named with --caption-column) gives each clip its caption; the
-    column is kept as the manifest's own too."""
-    from actors.text import TextEncoder  # noqa: F401 - the import path the run takes
+    column is kept as the manifest's own too. An empty or whitespace-only cell is a missing
+    caption, as the README says: the .txt beside the video, and without one a NoCaption row (a
+    CSV reader gives "" for an empty cell, which once got the empty prompt's embeddings)."""
+    import csv
 
     model = _model(tmp_path / "m", "CogVideoX")
-    samples.write_video(str(tmp_path / "v0.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=0))
-    samples.write_video(str(tmp_path / "v1.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=1))
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"uri": f"v{i}.mp4", "text": samples.CAPTIONS[i]}) + "\n"
-                                for i in range(2)))
+    for i in range(4):
+        samples.write_video(str(tmp_path / f"v{i}.mp4"), samples.synthetic_frames(NUM_FRAMES, HEIGHT, WIDTH, seed=i))
+    (tmp_path / "v1.txt").write_text(samples.CAPTIONS[4] + "\n")
+    (tmp_path / "v2.txt").write_text(samples.CAPTIONS[5])
+    cells = [samples.CAPTIONS[0], "", "  \t ", ""]  # v3: an empty cell and no .txt
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([["uri", "text"], *([f"v{i}.mp4", c] for i, c in enumerate(cells))])
     proc = _run([tmp_path / "out", "--manifest", manifest, "--model", model, "--num-frames", NUM_FRAMES,
-                 "--height", HEIGHT, "--width", WIDTH, "--text-embeddings", "--caption-column", "text"])
+                 "--height", HEIGHT, "--width", WIDTH, "--latent-dtype", "float32", "--text-embeddings",
+                 "--caption-column", "text"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pq.read_table(tmp_path / "out" / "latents").to_pylist()
-    assert sorted((r["caption"], r["text"]) for r in rows) == sorted((c, c) for c in samples.CAPTIONS[:2])
-    assert all(np.asarray(r[PROMPT_EMBEDS]).size == 226 * 16 for r in rows)
+    rows = {os.path.basename(r["source_uri"]): r for r in pq.read_table(tmp_path / "out" / "latents").to_pylist()}
+    captions = [samples.CAPTIONS[0], samples.CAPTIONS[4], samples.CAPTIONS[5]]
+    assert [(rows[f"v{i}.mp4"]["caption"], rows[f"v{i}.mp4"]["text"]) for i in range(3)] == \
+        list(zip(captions, cells[:3]))
+    want, _ = _expected(model, "CogVideoX", captions, 226)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(rows[f"v{i}.mp4"][PROMPT_EMBEDS]).reshape(226, 16), want[i],
+                                   rtol=1e-4, atol=1e-5)
+    (error,) = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert (os.path.basename(error["source_uri"]), error["error_type"], error["error_class"], error["retryable"]) \
+        == ("v3.mp4", "NoCaption", "input", False)
+    assert "empty 'text' cell" in error["message"] and "v3.txt" in error["message"]
+
+
+def test_a_caption_column_the_manifest_lacks_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """--caption-column naming no column of the manifest exits 2 before Ray starts, in one line
+    naming the column and the manifest's columns; so does --caption-column without a manifest.
+    The default column may be absent: then each video's .txt is its caption."""
+    from pipeline import cluster
+    from pipeline.cli import main
+
+    monkeypatch.setattr(cluster, "connect_ray", lambda *a, **kw: pytest.fail("Ray was started"))
+    model = _model(tmp_path / "m", "CogVideoX")
+    (tmp_path / "in").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,caption,id\nv.mp4,a cat,1\n")
+    capsys.readouterr()  # the model's save wrote progress bars
+    shape = ["--model", model, "--num-frames", TINY[FAMILIES["CogVideoX"][0]][1], "--height", HEIGHT,
+             "--width", WIDTH, "--text-embeddings"]
+    for args, message in [
+        ([tmp_path / "out", "--manifest", manifest, "--caption-column", "nope"],
+         f"--manifest {manifest}: no column 'nope' for --caption-column (it has uri, caption, id)"),
+        ([tmp_path / "in", tmp_path / "out", "--caption-column", "caption"], "it needs --manifest")]:
+        assert main(["encode", *map(str, args), *map(str, shape)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "bare.csv").write_text("uri,id\nv.mp4,1\n")
+    cfg, _ = validate(Config(input=None, manifest=str(tmp_path / "bare.csv"), output=str(tmp_path / "out"),
+                             model=model, num_frames=TINY[FAMILIES["CogVideoX"][0]][1], height=HEIGHT,
+                             width=WIDTH, text_embeddings=True))
+    assert cfg.caption_field == "caption" and cfg.extra_columns == (("id", "int64"),)
 
 
 def test_stored_latents_check_warns_when_off():
@@ -185,3 +231,86 @@ def test_stored_latents_check_warns_when_off():
     bad[0, 0, 0, 0, 0] = np.nan
     assert stats.check(stats.moments(bad), True, "mode")["nonfinite_values"] == 1
     assert not stats.check(total, True, "dist")["checked"]
+
+
+def _text_encoder_with_limited_memory(actor, fits) -> list:
+    """Make the actor's real text encoder raise CUDA's out-of-memory error unless
+    ``fits(input_ids)``, as a GPU shared with a VAE actor would; returns the batch sizes it was
+    called with (as tests/test_encoder.py does to the VAE)."""
+    encoder, calls = actor.view.text_encoder, []
+    real_forward = encoder.forward
+
+    def forward(input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        if not fits(input_ids):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(input_ids, *args, **kwargs)
+
+    encoder.forward = forward
+    return calls
+
+
+def test_text_encoder_out_of_memory_halves_then_goes_caption_by_caption(tmp_path):
+    """Out of memory above two captions, the actor halves its batch, then goes one caption at a
+    time, with the embeddings of a run that never failed; a caption that alone does not fit gives
+    its clip the row the VAE's ladder gives a clip that does not fit (retryable, class resource),
+    and the other clips go on with all their columns."""
+    import pyarrow.parquet as pq
+
+    from actors.text import TextEncoder
+
+    model = _model(tmp_path / "m", "Mochi")  # a mask too: both tensors follow the kept rows
+    cfg, info = validate(Config(input=str(tmp_path / "m"), output=str(tmp_path / "out"), model=model,
+                                num_frames=TINY[FAMILIES["Mochi"][0]][1], height=HEIGHT, width=WIDTH,
+                                text_embeddings=True, latent_dtype="float32", device="cpu"))
+    captions = [c + " " + w for c in samples.CAPTIONS for w in ("today", "again")][:5]
+    batch = {"caption": np.array(captions, dtype=object),
+             "clip_id": np.array([f"c{i}" for i in range(5)], dtype=object),
+             "source_uri": np.array([f"v{i}.mp4" for i in range(5)], dtype=object),
+             "latents": np.arange(5, dtype=np.float32)[:, None]}
+    clean = TextEncoder(cfg, info.text)(dict(batch))
+
+    actor = TextEncoder(cfg, info.text)
+    calls = _text_encoder_with_limited_memory(actor, lambda ids: ids.shape[0] <= 2)
+    out = actor(dict(batch))
+    assert calls == [5, 2, 3, 1, 2]  # 5 fails; halves of 2 and 3; the 3 fails; then 1 and 2
+    np.testing.assert_array_equal(out[PROMPT_MASK], clean[PROMPT_MASK])
+    np.testing.assert_allclose(out[PROMPT_EMBEDS], clean[PROMPT_EMBEDS], rtol=1e-5, atol=1e-6)
+
+    big = actor.view.tokenizer(captions[3], padding="max_length", max_length=info.text.max_sequence_length,
+                               truncation=True, return_tensors="pt").input_ids
+    actor = TextEncoder(cfg, info.text)
+    calls = _text_encoder_with_limited_memory(
+        actor, lambda ids: ids.shape[0] == 1 and not torch.equal(ids, big))
+    out = actor(dict(batch))
+    assert sorted(calls).count(1) == 5  # every caption tried alone
+    assert list(out["clip_id"]) == ["c0", "c1", "c2", "c4"] and list(out["latents"][:, 0]) == [0, 1, 2, 4]
+    keep = [0, 1, 2, 4]
+    np.testing.assert_allclose(out[PROMPT_EMBEDS], clean[PROMPT_EMBEDS][keep], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[PROMPT_MASK], clean[PROMPT_MASK][keep])
+    (row,) = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert (row["source_uri"], row["clip_id"], row["error_type"], row["error_class"], row["retryable"]) == \
+        ("v3.mp4", "c3", "OutOfMemory", "resource", True)
+    assert captions[3] not in actor.cache  # tried afresh by the next batch that has it
+
+
+def test_the_vae_batch_search_is_sized_to_the_actors_share_of_the_gpu():
+    """The VAE actor's batch search stops at its own share of the GPU (Ray's fractional
+    num_gpus), not the whole device's memory, and never above what the process can get now."""
+    from actors.encoder import VAEEncoder, batch_memory_budget, device_share
+    from pipeline.config import GPU_MEMORY_HEADROOM
+
+    gib = 1 << 30
+    keep = 1 - GPU_MEMORY_HEADROOM
+    assert batch_memory_budget(80 * gib, 80 * gib, 0, 1.0) == keep * 80 * gib  # alone on the device
+    assert batch_memory_budget(80 * gib, 79 * gib, 2 * gib, 0.75) == keep * 60 * gib  # its share
+    assert batch_memory_budget(80 * gib, 30 * gib, 2 * gib, 0.75) == keep * 32 * gib  # less is free now
+
+    def share(**kw):
+        cfg = Config(input="i", output="o", model="m", device="cuda", **kw)
+        return device_share(VAEEncoder.ray_options(cfg)["num_gpus"])
+
+    assert share() == 1.0
+    assert share(text_embeddings=True) == 0.75  # --text-gpus 0.25 is the text actor's
+    assert share(gpus_per_actor=0.5, text_embeddings=True, text_gpus=0.5) == 0.25
+    assert share(gpus_per_actor=2) == 1.0  # two whole GPUs: it computes on the first, alone
