@@ -51,6 +51,19 @@ def test_parts_cut_the_clips_of_the_whole_video_in_every_container(tmp_path, nam
     assert_same_clips(parts, whole)
 
 
+@pytest.mark.parametrize("tags, tasks, errors", [
+    ({"NUMBER_OF_FRAMES": "54"}, 1, []),  # mkvmerge's count disagrees with duration x rate: whole
+    ({}, 5, ["NotConstantRate"] * 4),  # no count: split on the header's rate; the parts past frame 20 say so
+])
+def test_a_variable_rate_mkv_is_split_only_without_a_count(tmp_path, tags, tasks, errors):
+    """24 fps for 20 frames, then 12 fps: an MKV's header shows 24 fps and a duration, nothing else."""
+    times = [round(i * 1000 / 24) if i < 20 else round(20 * 1000 / 24 + (i - 20) * 1000 / 12) for i in range(54)]
+    path = samples.write_video(str(tmp_path / "vfr.mkv"), samples.synthetic_frames(54, HEIGHT, WIDTH, 4),
+                               options={"g": "12"}, timestamps_ms=times, metadata=tags)
+    cfg = cfg_for(tmp_path)
+    assert decode_as_split(path, cfg)[::2] == (tasks, errors)
+
+
 def test_a_part_that_starts_on_an_open_gops_leading_frames_decodes_them(tmp_path):
     """Open GOP: keyframes every 20 frames, each an I-frame whose 3 leading B-frames (shown
     before it) follow it in the file and reference the GOP before. Part 1 starts at frame 18,
