@@ -68,7 +68,8 @@ def test_a_part_that_starts_on_an_open_gops_leading_frames_decodes_them(tmp_path
     """Open GOP: keyframes every 20 frames, each an I-frame whose 3 leading B-frames (shown
     before it) follow it in the file and reference the GOP before. Part 1 starts at frame 18,
     one of them: seeking by time finds the keyframe shown at 20, from which FFmpeg drops 17-19."""
-    path = samples.write_video(str(tmp_path / "open.mp4"), samples.synthetic_frames(6 * NUM_FRAMES + 6, HEIGHT, WIDTH, 2),
+    frames = samples.synthetic_frames(6 * NUM_FRAMES + 6, HEIGHT, WIDTH, 2)
+    path = samples.write_video(str(tmp_path / "open.mp4"), frames,
                                options={"x264-params": "open-gop=1:keyint=20:min-keyint=20:scenecut=0:"
                                                        "bframes=3:b-adapt=0:b-pyramid=none"})
     with av.open(path) as c:
