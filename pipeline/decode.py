@@ -290,13 +290,14 @@ def _check_complete(stream, decoded: int, last_time: float | None) -> None:
 def _part_frames(container, stream, cfg: Config, first_frame: int, t0: float, fps: float,
                  clock: DecodeClock) -> Iterator:
     """The frames of a split video from index ``first_frame`` on, found by time (the stream's
-    rate is constant: frame i is at t0 + i / fps), checked against the limits."""
-    target = t0 + first_frame / fps
-    container.seek(int((target - 0.5 / fps) / stream.time_base), stream=stream, backward=True, any_frame=False)
-    expected = first_frame
-    for frame in container.decode(stream):
+    rate is constant: frame i is at t0 + i / fps), checked against the limits. Where the
+    stream ends, the whole decode's check of its length against the header's holds."""
+    packets = _packets_from_keyframe_before(container, stream, first_frame, t0, fps)
+    expected, last_index, last_time = first_frame, -1, None
+    for frame in (frame for packet in packets for frame in packet.decode()):
         _check_frame(frame, clock, cfg)
         index = round((frame.time - t0) * fps) if frame.time is not None else expected
+        last_index, last_time = index, frame.time
         if index < first_frame:
             continue
         if index != expected:
@@ -304,6 +305,31 @@ def _part_frames(container, stream, cfg: Config, first_frame: int, t0: float, fp
                                   "declared a constant frame rate)")
         expected += 1
         yield frame
+    _check_complete(stream, last_index + 1, last_time)
+
+
+# Seeks back past keyframes displayed after a part's first frame (open GOPs): one is the norm.
+SEEK_BACK_LIMIT = 8
+
+
+def _packets_from_keyframe_before(container, stream, first_frame: int, t0: float, fps: float) -> Iterator:
+    """The stream's packets from a keyframe displayed at or before frame ``first_frame`` on.
+
+    A seek by time finds a keyframe by its decode time. In an open GOP (x264's open-gop, most
+    HEVC) the B-frames just before a keyframe in display order follow it in the file and
+    reference the GOP before it: decoded from that keyframe, FFmpeg drops them. So when the
+    keyframe found is displayed after the part's first frame, seek again, before it."""
+    ts, landed = int((t0 + (first_frame - 0.5) / fps) / stream.time_base), None
+    for _ in range(SEEK_BACK_LIMIT):
+        container.seek(ts, stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        first = next(packets, None)
+        if first is None or first.pts is None or first.dts is None or first.dts == landed \
+                or round((float(first.pts * stream.time_base) - t0) * fps) <= first_frame:
+            break  # displayed in time, or no earlier keyframe to go to
+        packets.close()
+        ts, landed = first.dts - 1, first.dts
+    return itertools.chain([first] if first is not None else [], packets)
 
 
 def resample(frames, fps: float) -> Iterator:
@@ -354,6 +380,8 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     time span (a manifest's start_sec/end_sec), the one clip starts at the span's first frame.
     With a part ``(first clip, clips, first frame's time)`` of a split video, only those clips,
     seeking to the first one's first frame: the same ids and pixels as decoding the video whole.
+    The last part (clips None) runs to the end of the stream, as a whole decode does, whatever
+    the header's count; a part the stream ends in reports what the whole decode would.
     Frame indices count the frames after ``--fps`` resampling, from the start of the video.
     ``clock`` counts the time against ``--decode-timeout`` (by default, from now on).
     """
@@ -368,7 +396,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         cfg = cfg.replace(max_clips=1)
     first_clip, last_clip = 0, cfg.max_clips
     if part is not None:
-        first_clip, last_clip = part[0], part[0] + part[1]
+        first_clip, last_clip = part[0], cfg.max_clips if part[1] is None else part[0] + part[1]
         frames = _part_frames(container, stream, cfg, first_clip * cfg.stride, part[2], fps, clock)
     else:
         frames = _decoded(container, stream, cfg, span, clock)
@@ -417,10 +445,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
             clip_index += 1
             if last_clip is not None and clip_index >= last_clip:
                 return
-    if part is not None:
-        raise Truncated(f"the stream ends after {clip_index} clips, where its header declared "
-                        f"{last_clip} (the file is truncated or damaged)")
-    if clip_index == 0:
+    if clip_index == 0 and part is None:
         where = "" if span == (None, None) else f" between {span[0] or 0:g} s and {span[1] or 'the end'} s"
         raise TooShort(f"the video has {seen} frames{where}"
                        f"{f' at {cfg.fps:g} fps' if cfg.fps else ''}; one clip needs {cfg.num_frames} "

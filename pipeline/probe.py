@@ -12,8 +12,8 @@ from pipeline.config import Config
 
 @dataclass(frozen=True)
 class Probe:
-    frames: int  # frames the stream declares (MP4/MOV count them), else duration x rate, rounded
-    exact: bool  # frames is the header's count, not an estimate from the duration
+    frames: int  # frames the stream declares (MP4/MOV/AVI count them), else duration x rate, rounded
+    exact: bool  # frames is the header's count (or an MKV's NUMBER_OF_FRAMES tag), not an estimate
     fps: float  # the stream's average rate
     start_time: float  # seconds: the first frame's presentation time
     width: int  # as displayed (rotation applied)
@@ -52,20 +52,49 @@ def probe(row: dict, cfg: Config) -> Probe:
                 return Probe(0, True, 0.0, 0.0, 0, 0, False)
             turns = decode.quarter_turns(first)
             width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
-            return _from_stream(stream, first, width, height)
+            return _from_stream(stream, first, width, height, container)
 
 
-def _from_stream(stream, first, width: int, height: int) -> Probe:
+def _from_stream(stream, first, width: int, height: int, container) -> Probe:
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else 0.0
     start = float(first.time or 0.0)
     duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     declared = int(stream.frames or 0)
-    frames = declared or (round(duration * fps) if duration and fps else 0)
+    matroska = not declared and duration is None and "matroska" in (container.format.name or "")
+    counted = declared
+    if matroska:
+        duration = _matroska_length(stream, container, start)
+        counted = _whole_number(stream.metadata.get("NUMBER_OF_FRAMES"))  # mkvmerge's statistics tag
+    frames = counted or (round(duration * fps) if duration and fps else 0)
     base = stream.base_rate or stream.guessed_rate
-    constant = bool(declared and rate and base and rate == base and duration
-                    and abs(declared - duration * fps) <= 1)
-    return Probe(frames, bool(declared), fps, start, width, height, constant)
+    # A count (MP4/MOV/AVI, mkvmerge's MKV) must agree with the duration at the rate. An MKV/WebM
+    # without one is split on its estimate: a part that meets a frame off the rate says so
+    # (decode.NotConstantRate), and the last part runs to the end of the stream, so an estimate
+    # some frames off changes no clip.
+    constant = bool(rate and base and rate == base and duration
+                    and (abs(counted - duration * fps) <= 1 if counted else matroska))
+    return Probe(frames, bool(counted), fps, start, width, height, constant)
+
+
+def _matroska_length(stream, container, start: float) -> float | None:
+    """Seconds of video in an MKV/WebM: its track's DURATION tag (FFmpeg and mkvmerge write one)
+    or else the segment's duration (which also covers a longer audio track), both counted
+    from time 0, less the first frame's time."""
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    try:
+        h, m, s = tag.split(":")
+        end = int(h) * 3600 + int(m) * 60 + float(s)
+    except (AttributeError, ValueError):
+        end = container.duration / 1e6 if container.duration else None
+    return end - start if end and end > start else None
+
+
+def _whole_number(text) -> int:
+    try:
+        return max(0, int(text))
+    except (TypeError, ValueError):
+        return 0
 
 
 def frames_after_resampling(p: Probe, cfg: Config) -> int:

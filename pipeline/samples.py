@@ -38,12 +38,13 @@ def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) ->
 def write_video(path: str, frames: np.ndarray, fps: int = 24, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", options: dict | None = None, container_options: dict | None = None,
                 rotation: int | None = None, timestamps_ms: list[int] | None = None,
-                format: str | None = None) -> str:
+                format: str | None = None, metadata: dict | None = None) -> str:
     """Encode uint8 [F, H, W, 3] RGB frames to a video file with PyAV.
 
     ``rotation`` sets a display matrix (counter-clockwise degrees); ``timestamps_ms`` gives each
     frame's time, for variable frame rates; ``options`` go to the encoder, ``container_options``
-    to the muxer (``{"movflags": "faststart"}``), ``format`` names the muxer (``"image2"``).
+    to the muxer (``{"movflags": "faststart"}``), ``format`` names the muxer (``"image2"``),
+    ``metadata`` are the stream's tags (``{"NUMBER_OF_FRAMES": "45"}`` in an MKV).
     """
     import av
     from fractions import Fraction
@@ -54,6 +55,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 24, codec: str = "libx
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         stream.options = {**({"preset": "ultrafast"} if codec == "libx264" else {}), **(options or {})}
+        stream.metadata.update(metadata or {})
         if rotation is not None:
             stream.set_display_rotation(rotation)
         if timestamps_ms is not None:

@@ -5,6 +5,9 @@ long video is decoded in parallel and a lost task redoes only its part.
 A part keeps its input's URI, so its clips have the same ids (and the same latents) as when the
 video is decoded whole. Only videos whose header shows a constant frame rate are split, since
 a part finds its first frame by time; the others, and a manifest's time spans, stay whole.
+The parts are counted from the header's frame count (MP4, MOV, AVI) or its duration x rate
+(MKV, WebM); the last part (``part_clips`` null) runs to the end of the stream, so an estimate
+a few frames off changes no clip.
 """
 from __future__ import annotations
 
@@ -67,4 +70,4 @@ def split(row: dict, cfg: Config) -> Iterator[dict]:
             continue
         first = k * cfg.clips_per_task
         yield {**whole, "part": k, "parts": parts, "part_first_clip": first,
-               "part_clips": min(cfg.clips_per_task, clips - first), "part_t0": p.start_time}
+               "part_clips": cfg.clips_per_task if k < parts - 1 else None, "part_t0": p.start_time}

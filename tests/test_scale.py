@@ -231,6 +231,28 @@ def test_a_long_video_split_into_parts_gives_the_same_clips_and_latents(
         [(0, 4, 3), (1, 4, 3), (2, 4, 3), (3, 4, 1)]
 
 
+def test_an_mkv_is_split_on_its_duration(ray_local, tiny_vae, tmp_path, hooks):
+    """MKV declares no frame count: its parts are counted from duration x rate, and together
+    they cut the clips that decoding it whole cuts."""
+    import av
+
+    from pipeline import decode
+    from pipeline.config import Config
+
+    videos = tmp_path / "in"
+    path = samples.write_video(str(videos / "long.mkv"), samples.synthetic_frames(7 * NUM_FRAMES, HEIGHT, WIDTH, 6),
+                               options={"g": "12"})
+    out = str(tmp_path / "out")
+    hooks.arm("decode", "signal")
+    assert main(["encode", str(videos), out, "--model", tiny_vae, *LONG_ARGS, "--clips-per-task", "3"]) == 0
+    assert hooks.arrivals("decode") == 3  # parts of 3, 3 and 1 clips
+    (uri,) = set(pq.read_table(os.path.join(out, "latents"), columns=["source_uri"]).column("source_uri").to_pylist())
+    cfg = Config(input=str(videos), output=out, model="m", num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH)
+    with av.open(path) as c:
+        whole = [cid for cid, _clip in decode.iter_clips(c, uri, cfg)]
+    assert sorted(latents_by_id(out)) == sorted(whole) and len(whole) == 7
+
+
 def test_resume_goes_part_by_part(long_video, unsplit, tiny_vae, tmp_path):
     """Two parts are done (their markers and clips committed) when the run is killed; the rerun
     decodes only the other three."""
