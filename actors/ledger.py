@@ -124,6 +124,11 @@ class RunLedger:
         self.cause = cause
         return True
 
+    def halt(self, reason: str) -> None:
+        """Stop the run (the driver's reason: OUTPUT's lease lost, say): tasks and actors see it
+        at their next report."""
+        self.stop = self.stop or reason
+
     def state(self) -> dict:
         return {"stop": self.stop, "cause": self.cause, "inputs_listed": self.inputs_listed,
                 "inputs_already_done": self.inputs_already_done, "inputs_ok": self.inputs_ok,

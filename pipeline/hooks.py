@@ -22,7 +22,8 @@ Points: ``decode`` (an input or part is about to be opened), ``decoding`` (its d
 open), ``decode-resumed`` (the consumer asked for the next clip), ``read`` (a read from
 storage), ``decode-error`` (its error row is committed), ``marker`` (its marker is committed), ``encoder-start`` (an encoder actor is
 starting), ``encode`` (an encoder call begins), ``write`` (a latents file is about to be
-written), ``written`` (it is committed).
+written), ``written`` (it is committed), ``lease-lost`` (the driver's heartbeat found OUTPUT's
+lease taken and told the ledger).
 """
 from __future__ import annotations
 

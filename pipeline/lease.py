@@ -29,13 +29,14 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from pipeline import storage
+from pipeline import hooks, storage
 from pipeline.config import ConfigError
 from pipeline.failures import RunFailed
 
 NAME = "_lease.json"  # a leading underscore: Parquet dataset readers of OUTPUT skip it
-# Seconds between heartbeats; a lease is stale (its run taken for dead) after this many missed.
-HEARTBEAT_S = 30.0
+# Seconds between heartbeats (VIDEO_LATENTS_LEASE_HEARTBEAT_S sets another); a lease is stale (its
+# run taken for dead) after four missed, by the bound its holder wrote in it.
+HEARTBEAT_S = float(os.environ.get("VIDEO_LATENTS_LEASE_HEARTBEAT_S") or 30.0)
 STALE_AFTER_S = 4 * HEARTBEAT_S
 # Create-or-take-over attempts while other runs change the lease under us.
 ATTEMPTS = 5
@@ -64,8 +65,16 @@ def age(body: dict, now: float | None = None) -> float:
     return max(0.0, (now or time.time()) - float(body.get("heartbeat_at") or 0))
 
 
+def stale_after(body: dict) -> float:
+    """The holder's own stale bound (it beats at its own pace), else ours."""
+    try:
+        return float(body.get("stale_after_s") or STALE_AFTER_S)
+    except (TypeError, ValueError):
+        return STALE_AFTER_S
+
+
 def is_stale(body: dict, now: float | None = None) -> bool:
-    return age(body, now) > STALE_AFTER_S
+    return age(body, now) > stale_after(body)
 
 
 class _S3:
@@ -217,6 +226,9 @@ class Lease:
                       else _Local(os.path.join(storage.resolve(output)[1], NAME), self.run_id))
         self.token = None
         self.lost: dict | None = None  # the lease as the heartbeat found it, once not ours
+        # Called once, from the heartbeat's thread, with a one-line reason when the lease is lost
+        # mid-run: the run stops then, not only at its end.
+        self.on_lost = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="video-latents-lease", daemon=True)
 
@@ -239,7 +251,7 @@ class Lease:
             self.token = self.store.replace(self.body, token, takeover=True)
             if self.token is not None:
                 print(f"video-latents: taking over OUTPUT's lease from {describe(held)}: its last heartbeat "
-                      f"was {age(held):.0f} s ago (stale after {STALE_AFTER_S:.0f} s), so that run is taken "
+                      f"was {age(held):.0f} s ago (stale after {stale_after(held):.0f} s), so that run is taken "
                       "for dead", file=sys.stderr, flush=True)
                 break
         else:
@@ -249,7 +261,7 @@ class Lease:
         return self
 
     def _held_message(self, held: dict) -> str:
-        left = max(0.0, STALE_AFTER_S - age(held))
+        left = max(0.0, stale_after(held) - age(held))
         return (f"OUTPUT {self.output} is being written by another run: {describe(held)}, last heartbeat "
                 f"{age(held):.0f} s ago. Wait for it to finish (or stop it); if that run is dead, rerun "
                 f"in {left:.0f} s, when its lease goes stale, or delete {self.uri} first")
@@ -262,7 +274,15 @@ class Lease:
                 print(f"video-latents: warning: could not refresh OUTPUT's lease: {type(e).__name__}: "
                       f"{str(e).strip()[:200]}", file=sys.stderr, flush=True)
             if self.lost is not None:
+                if self.on_lost is not None:
+                    self.on_lost(self.lost_message())
+                hooks.reach("lease-lost")
                 return
+
+    def lost_message(self) -> str:
+        who = f"taken over by {describe(self.lost)}" if self.lost else "deleted"
+        return (f"OUTPUT's lease ({self.uri}) was {who} while this run (run {self.run_id}) was writing, "
+                "so this run stopped: the other run now owns OUTPUT; rerun once it has ended")
 
     def renew(self) -> None:
         """One heartbeat: rewrite the lease if it is still ours, else note who holds it now."""

@@ -196,7 +196,7 @@ def _run(cfg: Config, info: ModelInfo, held: lease.Lease) -> dict:
     timeline = None
     if counts is None:
         layout.delete(cfg.output, [layout.SUCCESS], cfg.s3)  # no reader may take OUTPUT for finished
-        timeline = _encode_or_fail(cfg, info, done, record, run_started)
+        timeline = _encode_or_fail(cfg, info, done, record, run_started, held)
         counts = timeline.listed, timeline.already_done
     wall = time.perf_counter() - started
     clips = timeline.clips if timeline else 0
@@ -237,14 +237,18 @@ def _nothing_to_do(cfg: Config, done) -> tuple[int, int] | None:
     return listed, listed
 
 
-def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_started: float) -> "Timeline":
-    """The dataflow with the run's ledger; a failure comes back as RunFailed naming its cause."""
+def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_started: float,
+                    held: lease.Lease | None = None) -> "Timeline":
+    """The dataflow with the run's ledger; a failure comes back as RunFailed naming its cause.
+    A lease lost mid-run stops it through the ledger."""
     import ray
 
     from actors import ledger as ledger_mod
     from actors.encoder import MAX_TASK_RETRIES
 
     ledger = ledger_mod.start(cfg.max_error_rate)
+    if held is not None:
+        held.on_lost = lambda why: ledger.halt.remote(why)
     try:
         timeline = encode_videos(cfg, info, done, ledger, record, run_started)
         state = ray.get(ledger.state.remote())
@@ -268,6 +272,8 @@ def _encode_or_fail(cfg: Config, info: ModelInfo, done, record: dict, run_starte
                                      "memory: see the Ray logs); nothing was marked done") from e
         raise
     finally:
+        if held is not None:
+            held.on_lost = None
         ledger_mod.end(ledger)
     if state.get("stop"):
         raise failures.RunFailed(state["stop"])

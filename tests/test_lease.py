@@ -174,3 +174,36 @@ def test_of_two_runs_taking_over_one_dead_run_one_wins(output):
             late.take()
         assert output.read(lease.NAME)["run_id"] == winner.run_id
     assert output.read(lease.NAME) is None
+
+
+def test_a_run_whose_lease_is_taken_mid_run_stops_at_its_next_report(tiny_vae, tmp_path):
+    """The driver's heartbeat finds the lease taken while the encoder is held in its first call;
+    the ledger is told, so the first batch that reports after the release stops the run: nothing
+    more is encoded or written for a job that is no longer this run's (before, the run encoded
+    every clip and found out only before _SUCCESS)."""
+    videos = tmp_path / "in"
+    samples.write_video(str(videos / "a.mp4"), samples.synthetic_frames(3 * NUM_FRAMES, HEIGHT, WIDTH, 1))
+    out = str(tmp_path / "out")
+    hooks = Hooks()
+    hooks.arm("marker", "signal")
+    hooks.arm("encode", "barrier", first=1, last=1, on="go", count=1)
+    hooks.arm("lease-lost", "signal")
+    first = Driver(["encode", str(videos), out, "--model", tiny_vae, *SHAPE, "--batch-size", "1"], hooks,
+                   env={"VIDEO_LATENTS_LEASE_HEARTBEAT_S": "0.2"})  # the heartbeat's pace, not a decision point
+    try:
+        hooks.wait("encode", "marker", proc=first.proc, log=first.log)
+        now = time.time()
+        Output("local", tmp_path, None).write_lease(
+            {"run_id": "other-run", "host": "elsewhere", "pid": 4242, "taken_at": now, "heartbeat_at": now})
+        hooks.wait("lease-lost", proc=first.proc, log=first.log)
+        hooks.release("go")
+        assert first.wait() == 1, first.output()[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+        hooks.close()
+    line = _failed_line(first.output())
+    assert "was taken over by run other-run on elsewhere (pid 4242, since " in line, line
+    assert "so this run stopped" in line, line
+    assert not os.path.exists(os.path.join(out, "latents")), "the run went on encoding after it lost OUTPUT"
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
