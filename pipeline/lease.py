@@ -3,9 +3,10 @@
 An encode takes it before it changes anything in OUTPUT (before ``--overwrite`` clears it, before
 ``_job.json``), refreshes its heartbeat from a thread in the driver, and gives it back (deletes it,
 only if it is still its own) when it ends, whatever the outcome. A second encode meanwhile exits 2
-naming the running one. A lease whose heartbeat is older than STALE_AFTER_S belongs to a run
+naming the running one. A lease whose heartbeat is older than its stale bound belongs to a run
 that is dead (its driver's node lost, the process killed): the next run takes it over and says
-so. Before writing ``_SUCCESS`` a run checks that the lease and ``_job.json`` are still its own.
+so. So does a lease whose holder ran on the same machine (kernel boot id and PID namespace) and
+whose process is gone: a driver killed here is rerun here at once, without waiting. Before writing ``_SUCCESS`` a run checks that the lease and ``_job.json`` are still its own.
 
 Every change is a compare-and-swap, so that of two runs racing for OUTPUT one wins:
 - S3: a PUT with ``If-None-Match: *`` creates it; a PUT or DELETE with ``If-Match`` on the ETag
@@ -75,6 +76,40 @@ def stale_after(body: dict) -> float:
 
 def is_stale(body: dict, now: float | None = None) -> bool:
     return age(body, now) > stale_after(body)
+
+
+def _process_here() -> dict:
+    """What tells this process apart on this machine (Linux): the kernel's boot id, the PID
+    namespace (containers on one kernel have their own), and the process's start time (a PID
+    is reused); {} where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return {"boot_id": boot, "pid_ns": os.readlink("/proc/self/ns/pid"), "pid_start": _start_time(os.getpid())}
+    except OSError:
+        return {}
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime, in clock ticks since boot
+    except (OSError, IndexError):
+        return None
+
+
+def is_dead_here(body: dict) -> bool:
+    """Whether the lease's holder ran on this machine, in this PID namespace, and its process is
+    gone (a driver killed or crashed here): then its run is dead now, whatever its last heartbeat
+    says. Anything unknown counts as alive: only the stale bound decides then."""
+    here = _process_here()
+    if not here or not body.get("pid_start") or any(body.get(k) != here[k] for k in ("boot_id", "pid_ns")):
+        return False
+    try:
+        pid = int(body["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return _start_time(pid) != body["pid_start"]
 
 
 class _S3:
@@ -221,7 +256,7 @@ class Lease:
         now = time.time()
         self.body = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                      "taken_at": now, "heartbeat_at": now, "heartbeat_s": HEARTBEAT_S,
-                     "stale_after_s": STALE_AFTER_S}
+                     "stale_after_s": STALE_AFTER_S, **_process_here()}
         self.store = (_S3(self.uri, s3) if storage.is_s3(output)
                       else _Local(os.path.join(storage.resolve(output)[1], NAME), self.run_id))
         self.token = None
@@ -245,14 +280,16 @@ class Lease:
             if held.get("run_id") == self.run_id:  # our own create, retried after a lost answer
                 self.token = token
                 break
-            if not is_stale(held):
+            dead_here = is_dead_here(held)
+            if not dead_here and not is_stale(held):
                 raise LeaseHeld(self._held_message(held))
             self.body["heartbeat_at"] = time.time()
             self.token = self.store.replace(self.body, token, takeover=True)
             if self.token is not None:
-                print(f"video-latents: taking over OUTPUT's lease from {describe(held)}: its last heartbeat "
-                      f"was {age(held):.0f} s ago (stale after {stale_after(held):.0f} s), so that run is taken "
-                      "for dead", file=sys.stderr, flush=True)
+                why = ("its process is gone from this machine" if dead_here else
+                       f"its last heartbeat was {age(held):.0f} s ago (stale after {stale_after(held):.0f} s)")
+                print(f"video-latents: taking over OUTPUT's lease from {describe(held)}: {why}, so that run is "
+                      "taken for dead", file=sys.stderr, flush=True)
                 break
         else:
             raise LeaseHeld(f"OUTPUT {self.output}: its lease ({self.uri}) changed {ATTEMPTS} times while this "

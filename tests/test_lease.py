@@ -207,3 +207,33 @@ def test_a_run_whose_lease_is_taken_mid_run_stops_at_its_next_report(tiny_vae, t
     assert "so this run stopped" in line, line
     assert not os.path.exists(os.path.join(out, "latents")), "the run went on encoding after it lost OUTPUT"
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/random/boot_id"), reason="Linux /proc only")
+def test_a_lease_whose_process_is_gone_from_this_machine_is_dead_now(tmp_path, capsys):
+    """A driver killed here (SIGKILL, a crash) is rerun here at once: its lease names this
+    machine's kernel, this PID namespace and a process start time no live process has. A live
+    process, another PID namespace (a container beside us) or another machine is never judged so."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        body = {**lease.Lease(str(tmp_path)).body, "pid": gone.pid, "pid_start": lease._start_time(gone.pid)}
+    finally:
+        gone.kill()
+        gone.wait()
+    assert lease.is_dead_here(body)
+    assert not lease.is_dead_here(lease.Lease(str(tmp_path)).body)  # this very process: alive
+    assert not lease.is_dead_here({**body, "pid_ns": "pid:[1]"})
+    assert not lease.is_dead_here({**body, "boot_id": "another-machine"})
+    assert not lease.is_dead_here({k: v for k, v in body.items() if k != "pid_start"})  # an older lease
+
+    # Through the real take-over: the dead holder's lease is taken at once, well inside its stale bound.
+    now = time.time()
+    Output("local", tmp_path, None).write_lease({**body, "taken_at": now, "heartbeat_at": now})
+    with lease.hold(str(tmp_path / "out")):
+        (said,) = capsys.readouterr().err.strip().splitlines()
+    assert said.startswith(f"video-latents: taking over OUTPUT's lease from run {body['run_id']} on "), said
+    assert "its process is gone from this machine" in said, said
+    assert not os.path.exists(tmp_path / "out" / lease.NAME)  # given back
