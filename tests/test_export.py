@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import samples, sink, text
 from pipeline.commands import export as ex
+from pipeline.commands.export import common
 from pipeline.config import Config
 from pipeline.model import inspect_model
 from pipeline.schema import image_columns, tensor_columns
@@ -248,7 +249,7 @@ def test_finetrainers_refuses_latents_without_the_posterior(models, tmp_path, ca
 def test_wan_finetrainers_moments_and_statistics_over_files(models, tmp_path, capsys, monkeypatch):
     """Wan: raw moments [1, 2C, F, H, W] with latents_mean and latents_std = 1/std, float32 [C];
     rows from several files and read a few at a time keep one contiguous index."""
-    monkeypatch.setattr(ex, "ROWS_PER_READ", 2)
+    monkeypatch.setattr(common, "ROWS_PER_READ", 2)
     cfg, info, meta = _job(models["wan"], "dist", prompts=True, image=True)
     rng = np.random.default_rng(2)
     n, shape = 5, _latent_shape(info)
