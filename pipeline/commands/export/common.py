@@ -55,8 +55,10 @@ def open_output(output: str, s3) -> Source:
     return Source(fs, files, json.loads(schema.metadata[METADATA_KEY]), frozenset(schema.names))
 
 
-def iter_rows(source: Source, names: list[str]) -> Iterator[dict]:
-    """OUTPUT's rows in order, each a dict: tensors as numpy arrays, the rest as Python values."""
+def iter_rows(source: Source, names: list[str], with_meta: bool = False) -> Iterator:
+    """OUTPUT's rows in order, each a dict: tensors as numpy arrays, the rest as Python values;
+    with ``with_meta``, (the row's file's metadata, row) pairs (with --buckets, each file has its
+    own ``latent_shape``)."""
     identity = ("vae_class", "latent_mode")
     for path in source.files:
         with source.fs.open_input_file(path) as f:
@@ -65,7 +67,8 @@ def iter_rows(source: Source, names: list[str]) -> Iterator[dict]:
             if any(meta.get(k) != source.meta.get(k) for k in identity):
                 raise ExportError(f"{path} was written by another model or latent mode than {source.files[0]}")
             for batch in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=names):
-                yield from batch_rows(batch)
+                for row in batch_rows(batch):
+                    yield (meta, row) if with_meta else row
 
 
 def batch_rows(batch) -> Iterator[dict]:
@@ -110,6 +113,33 @@ def raw_latents(row: dict, meta: dict) -> np.ndarray:
 
 def text_length(meta: dict) -> int | None:
     return (meta.get("text_encoder") or {}).get("max_sequence_length")
+
+
+# The transformers the trainers train for each family patchify latents 2x2 in space: a latent
+# side that is odd is floored by the patch embedding and comes back one row or column short
+# from the unpatchify, so the loss fails on a shape mismatch at the first step.
+#   diffusers 0.42.1 models/transformers/cogvideox_transformer_3d.py:238 (patch_size: int = 2),
+#   transformer_wan.py:574 (patch_size (1, 2, 2)), transformer_hunyuan_video.py:914 (patch_size 2),
+#   transformer_mochi.py:345 (patch_size 2); LTX-Video's is 1 (transformer_ltx.py:435).
+#   musubi-tuner @ 30c658c: wan/modules/model.py:641 (Conv3d, stride patch_size (1, 2, 2)) and
+#   :929-934 (unpatchify), hunyuan_model/models.py:511 (patch_size [1, 2, 2]); its own bucketing
+#   rounds frame sides to 16 (dataset/bucket.py:41-42), so its own cache never holds odd latents.
+PATCHIFIED = {"AutoencoderKLCogVideoX": "CogVideoX", "AutoencoderKLWan": "Wan",
+              "AutoencoderKLHunyuanVideo": "HunyuanVideo", "AutoencoderKLMochi": "Mochi"}
+PATCH = 2
+
+
+def unpatchifiable(vae_class: str, latent_hw: tuple[int, int], ratio: int) -> str | None:
+    """Why a latent of ``latent_hw`` cannot be trained by ``vae_class``'s transformer; None if it can."""
+    family = PATCHIFIED.get(vae_class)
+    lh, lw = latent_hw
+    if family is None or (lh % PATCH == 0 and lw % PATCH == 0):
+        return None
+    step = PATCH * ratio
+    sides = sorted({(s * ratio // step) * step for s in (lh, lw)} | {-(-s * ratio // step) * step for s in (lh, lw)})
+    return (f"{lw * ratio}x{lh * ratio} frames give {lw}x{lh} latents, and {family}'s transformer patchifies "
+            f"latents {PATCH}x{PATCH}: a latent side must be even, so frame sides must be multiples of {step} "
+            f"(near these: {', '.join(map(str, sides))})")
 
 
 # --- torch and DEST --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ text-encoder file, named and keyed as musubi's cache scripts name them (HunyuanV
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ from pipeline.commands.export.common import (ExportError, Source, as_tensor, cha
 from pipeline.schema import CAPTION, PROMPT_EMBEDS
 
 MUSUBI_JSONL = "musubi-dataset.jsonl"
+MUSUBI_TOML = "musubi-dataset.toml"  # the dataset config every musubi script takes (--dataset_config)
 
 # kohya-ss/musubi-tuner @ 30c658c4f4b0bf05038b3346eff9670259b10fc7, under src/musubi_tuner/:
 #   dataset/architectures.py          short names (file names) and full names (header metadata)
@@ -68,7 +70,11 @@ class MusubiArch:
     no_text: str  # why OUTPUT has no text-encoder file for it
     text_script: str  # musubi's script that caches this architecture's text
     image_note: str  # why OUTPUT's image latents cannot be its image conditioning
+    text_args: str  # the text-caching script's model arguments (its docs' example)
+    train_script: str  # musubi's training script for it
+    latent_kind: str  # what its own latent cache holds: "sample" or "mean"
     max_text_tokens: int | None = None  # more make its model fail
+    t2v_note: str | None = None  # what an image-to-video checkpoint would need beyond this cache
 
 
 MUSUBI = {
@@ -79,7 +85,11 @@ MUSUBI = {
         "musubi's HunyuanVideo text cache is Llama states with their mask plus the CLIP pooled output, "
         "which video-latents does not compute",
         "cache_text_encoder_outputs.py",
-        "musubi's HunyuanVideo cache takes no image latents (cache_io.save_latent_cache)"),
+        "musubi's HunyuanVideo cache takes no image latents (cache_io.save_latent_cache)",
+        # docs/hunyuan_video.md:154
+        "--text_encoder1 path/to/ckpts/text_encoder --text_encoder2 path/to/ckpts/text_encoder_2",
+        "hv_train_network.py",
+        "sample"),  # cache_latents.encode_and_save_batch: latent_dist.sample()
     "AutoencoderKLWan": MusubiArch(
         "wan", "wan", 16,  # wan/modules/vae.py: WanVAE(z_dim=16), the Wan 2.1 VAE (also Wan 2.2 A14B's)
         _wan_cache, _wan_text, f"no {PROMPT_EMBEDS} in OUTPUT (encode with --text-embeddings)",
@@ -88,7 +98,13 @@ MUSUBI = {
         # the VAE encoding of the first frame followed by F-1 black frames, over all F latent frames.
         "musubi's Wan I2V cache (latents_image) is a mask plus the encoding of the first frame followed by "
         "black frames, not the first frame alone: for I2V, cache with musubi's wan_cache_latents.py --i2v",
-        WAN_TEXT_LEN),
+        "--t5 path/to/models_t5_umt5-xxl-enc-bf16.pth",  # docs/wan.md:145
+        "wan_train_network.py",
+        "mean",  # wan/modules/vae.py WanVAE.encode: the posterior's mu
+        WAN_TEXT_LEN,
+        # wan_cache_latents.py --i2v writes latents_image and clip_{dtype} (cache_io.save_latent_cache_wan)
+        "only text-to-video checkpoints (--task t2v-*) can train on this cache: a Wan I2V checkpoint needs CLIP "
+        "image features (clip_*) and latents_image in each latent file, which the export does not write"),
 }
 
 
@@ -104,7 +120,19 @@ def _musubi_names(row: dict, arch: MusubiArch) -> tuple[str, str]:
     return latent, f"{body}_{arch.short}_te.safetensors"
 
 
+def _parse_like_musubi(name: str, arch: str) -> tuple[str, int, int, int, int]:
+    """(item key, start frame, frame count, width, height) as VideoDataset.prepare_for_training
+    reads a latent file's name (dataset/image_video_dataset.py:866-876 @ 30c658c)."""
+    tokens = name[: -len(f"_{arch}.safetensors")].split("_") + [arch]
+    width, height = map(int, tokens[-2].split("x"))
+    frame_pos, frame_count = tokens[-3].split("-")[:2]
+    return "_".join(tokens[:-3]), int(frame_pos), int(frame_count), width, height
+
+
 class MusubiWriter:
+    trainer = "musubi-tuner"
+    scan_columns = ["clip_id", "start_frame", "num_frames", "height", "width"]
+
     def __init__(self, source: Source, dest: str, s3):
         meta = source.meta
         self.arch = MUSUBI[meta["vae_class"]]
@@ -121,17 +149,54 @@ class MusubiWriter:
                         *([PROMPT_EMBEDS] if self.has_text else []), *([CAPTION] if self.has_captions else [])]
         self.jsonl = None
         self.sizes: set[tuple[int, int]] = set()
+        self.frames: set[int] = set()
+        self.sidecars = [MUSUBI_TOML, MUSUBI_JSONL]  # deleted first; the TOML written last
         self.notes = self._notes(source)
+
+    def names(self, index: int, row: dict) -> list[str]:
+        """The files this row becomes, refused (before anything is written) if musubi's loader
+        would not read its name back as this clip."""
+        latent, te = _musubi_names(row, self.arch)
+        want = (row["clip_id"], int(row["start_frame"]), int(row["num_frames"]), int(row["width"]),
+                int(row["height"]))
+        try:
+            parsed = _parse_like_musubi(latent, self.arch.short)
+        except ValueError:
+            parsed = None
+        if parsed != want:
+            raise ExportError(f"clip {row['clip_id']} (start frame {row['start_frame']}) would be named {latent}, "
+                              f"which musubi-tuner's loader cannot parse back (it fails for the whole dataset): "
+                              f"re-encode OUTPUT with this version, which starts clips at frame 0 or later")
+        self.sizes.add((int(row["width"]), int(row["height"])))
+        self.frames.add(int(row["num_frames"]))
+        return [latent, te] if self.has_text else [latent]
+
+    def _path(self, name: str) -> str:
+        """``name`` as musubi, run on the machine that trains, finds it: DEST's absolute path for a
+        local DEST; for S3, relative to a local copy of DEST that the scripts are run from."""
+        if storage.is_s3(self.dest):
+            return name
+        return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(self.dest)), name))
 
     def _notes(self, source: Source) -> list[str]:
         """What the trainer will lack, or take differently from its own cache, one line each."""
         notes = []
         if not self.has_text:
-            then = (f"DEST/{MUSUBI_JSONL} holds each clip's caption: run musubi's {self.arch.text_script} "
-                    f"with a dataset config whose video_jsonl_file is it and cache_directory is DEST"
+            then = (f"DEST/{MUSUBI_JSONL} holds each clip's caption; create them with: {self.text_command()}"
                     if self.has_captions else "and OUTPUT has no caption column to compute them from")
             notes.append(f"{self.arch.no_text}: wrote no *_{self.arch.short}_te.safetensors, which musubi-tuner "
-                         f"requires per item (it skips an item without one); {then}")
+                         f"requires per item (it skips every item without one, so it would train on nothing); "
+                         f"{then}")
+        mode = self.meta["latent_mode"]
+        ours = "a posterior sample" if mode == "sample" else "the posterior mean"
+        if (self.arch.latent_kind == "sample") != (mode == "sample"):
+            theirs = "a posterior sample" if self.arch.latent_kind == "sample" else "the posterior mean"
+            notes.append(f"latents are {ours} (a --latent-mode {mode} OUTPUT), where musubi's own "
+                         f"'{self.arch.short}' cache holds {theirs}")
+        if self.arch.t2v_note:
+            notes.append(self.arch.t2v_note)
+        notes.append("file names carry each clip's encoded size (W×H), where musubi's own cache names the source's "
+                     "size; musubi buckets by it, and the latents are at that size")
         if source.has_image_latents:
             notes.append(f"image latents not exported: {self.arch.image_note}")
         length = text_length(self.meta)
@@ -141,9 +206,13 @@ class MusubiWriter:
                          f"prompt fails at train time")
         return notes
 
+    def text_command(self) -> str:
+        return (f"python src/musubi_tuner/{self.arch.text_script} --dataset_config {self._path(MUSUBI_TOML)} "
+                f"{self.arch.text_args} --batch_size 16")
+
     @property
     def usable(self) -> bool:
-        return self.has_text or self.has_captions
+        return self.has_text
 
     def write(self, index: int, row: dict) -> None:
         from safetensors.torch import save
@@ -181,11 +250,24 @@ class MusubiWriter:
         if self.jsonl is not None:
             self.jsonl.close()
 
-    def summary(self) -> dict:
-        # The loader buckets each clip by the name's W×H through BucketSelector: one bucket at
-        # `resolution`, or, with bucket_no_upscale, each size up to its area as it is.
+    def final_files(self, items: int) -> dict[str, bytes]:
+        """The dataset config (dataset/config_utils.py's schema): the loader buckets each clip by
+        its name's W×H through BucketSelector: one bucket at ``resolution``, or, with
+        bucket_no_upscale, each size up to that area as it is (dataset/bucket.py)."""
         width, height = max(self.sizes, key=lambda s: s[0] * s[1], default=(0, 0))
-        buckets = "enable_bucket = true, bucket_no_upscale = true, " if len(self.sizes) > 1 else ""
+        buckets = len(self.sizes) > 1
+        toml = (f"# written by video-latents export: train from the cache in cache_directory\n"
+                f"[general]\nresolution = [{width}, {height}]\nbatch_size = 1\n"
+                f"enable_bucket = {str(buckets).lower()}\nbucket_no_upscale = {str(buckets).lower()}\n\n"
+                f"[[datasets]]\nvideo_jsonl_file = {json.dumps(self._path(MUSUBI_JSONL))}\n"
+                f"cache_directory = {json.dumps(self._path('.'))}\n"
+                f"target_frames = [{', '.join(map(str, sorted(self.frames)))}]\nframe_extraction = \"head\"\n")
+        return {MUSUBI_TOML: toml.encode()}
+
+    def summary(self) -> dict:
+        cd = "" if not storage.is_s3(self.dest) else "copy DEST to a local folder and run from it: "
+        train = (f"{cd}accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 "
+                 f"src/musubi_tuner/{self.arch.train_script} --dataset_config {self._path(MUSUBI_TOML)} ...")
         return {"architecture": self.arch.short, "text_encoder_files": self.has_text,
-                "use": f"a musubi-tuner dataset config with video_jsonl_file = DEST/{MUSUBI_JSONL}, "
-                       f"cache_directory = DEST, {buckets}resolution = [{width}, {height}]"}
+                "dataset_config": self._path(MUSUBI_TOML),
+                "use": train if self.has_text else f"{cd}{self.text_command()}; then {train}"}
