@@ -260,12 +260,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**fields)
 
 
+def _warn_unpatchifiable(cfg: Config, info) -> None:
+    """Sizes whose latents the family's transformer cannot patchify: a warning, since the latents
+    themselves are fine (another use may not patchify them)."""
+    for line in export.unpatchifiable_warnings(info.class_name, info.spatial_ratio,
+                                               cfg.buckets or ((cfg.height, cfg.width),)):
+        print(f"video-latents: warning: {line}", file=sys.stderr)
+
+
 def encode(cfg: Config) -> int:
     from pipeline.failures import RunFailed
     from pipeline.run import run
 
     try:
         cfg, info = validate(cfg)
+        _warn_unpatchifiable(cfg, info)
         summary = run(cfg, info)  # the job's identity is checked there, under OUTPUT's lease
     except ConfigError as e:
         print(f"video-latents: error: {e}", file=sys.stderr)
@@ -298,12 +307,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect_command(args.output, args.s3_endpoint, args.json)
         if args.command == "export":  # exit codes as pipeline.commands.export documents them
-            return export.export_command(args.output, args.dest, args.format, args.s3_endpoint)
+            return export.export_command(args.output, args.dest, args.format, args.s3_endpoint,
+                                         args.allow_incomplete)
         cfg = config_from_args(args)
         if args.command == "plan":
             from pipeline.commands.plan import plan_command
 
             cfg, info = validate(cfg)
+            _warn_unpatchifiable(cfg, info)
             return plan_command(cfg, info, args.clips_per_s, args.json)
     except ConfigError as e:
         print(f"video-latents: error: {e}", file=sys.stderr)

@@ -414,12 +414,13 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     resizer = Resizer()
     first_frame = first_clip * cfg.stride
     clip_index, seen, offset = first_clip, 0, None
-    if part is not None:  # as the whole video's first frame sets it
-        offset = round(part[2] * fps) if part[2] and fps else 0
+    if part is not None:  # as the whole video's first frame sets it (a negative time counts as 0)
+        offset = max(0, round(part[2] * fps)) if part[2] and fps else 0
     for i, frame in enumerate(frames, start=first_frame):
         seen = i + 1
-        if offset is None:  # the first frame's index in the video, at the output frame rate
-            offset = round(frame.time * fps) if frame.time and fps else 0
+        if offset is None:  # the first frame's index in the video, at the output frame rate; a stream
+            # whose first frame has a negative time (an edit list, B-frame delay) starts at 0
+            offset = max(0, round(frame.time * fps)) if frame.time and fps else 0
         owners = clips_containing(i, cfg)
         if not owners:
             continue

@@ -23,7 +23,8 @@ open), ``decode-resumed`` (the consumer asked for the next clip), ``read`` (a re
 storage), ``decode-error`` (its error row is committed), ``marker`` (its marker is committed), ``encoder-start`` (an encoder actor is
 starting), ``encode`` (an encoder call begins), ``write`` (a latents file is about to be
 written), ``written`` (it is committed), ``lease-lost`` (the driver's heartbeat found OUTPUT's
-lease taken and told the ledger).
+lease taken and told the ledger), ``export-item`` (``video-latents export`` is about to write
+an item; its index is the detail).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline import samples, sink, text
+from tests.hookctl import Hooks
 from pipeline.commands import export as ex
+from pipeline.commands.export import common
 from pipeline.config import Config
 from pipeline.model import inspect_model
 from pipeline.schema import image_columns, tensor_columns
@@ -72,34 +75,36 @@ def models(tmp_path_factory):
 
 # --- OUTPUTs, written as the pipeline writes them --------------------------------------------------
 
-def _job(model: str, mode: str, latent_dtype: str = "float16", prompts: bool = False, image: bool = False):
+def _job(model: str, mode: str, latent_dtype: str = "float16", prompts: bool = False, image: bool = False,
+         text_len: int = TEXT_LEN, height: int = SIZE, width: int = SIZE):
     """(cfg, info, metadata dict) for a run of ``model`` in ``mode``, with --text-embeddings
     (``prompts``) and --image-latents (``image``)."""
     info = inspect_model(model)
-    cfg = Config(input="in", output="out", model=model, num_frames=NUM_FRAMES, height=SIZE, width=SIZE,
+    cfg = Config(input="in", output="out", model=model, num_frames=NUM_FRAMES, height=height, width=width,
                  latent_mode=mode, latent_dtype=latent_dtype, dtype="float32", device="cpu", image_latents=image)
     meta = json.loads(sink.dataset_metadata(cfg, info))
     if prompts:  # pipeline.text's TextInfo.metadata, for a T5-style encoder without a mask
         meta["text_encoder"] = {"class": "UMT5EncoderModel", "tokenizer_class": "T5TokenizerFast", "source": model,
-                                "max_sequence_length": TEXT_LEN, "pipeline": text.PIPELINES[info.class_name],
+                                "max_sequence_length": text_len, "pipeline": text.PIPELINES[info.class_name],
                                 "dtype": "float32", "attention_mask": False}
     return cfg, info, meta
 
 
-def _clip_ids(n: int) -> list[str]:
-    return [hashlib.blake2b(f"clip{i}".encode(), digest_size=16).hexdigest() for i in range(n)]
+def _clip_ids(n: int, seed: str = "clip") -> list[str]:
+    return [hashlib.blake2b(f"{seed}{i}".encode(), digest_size=16).hexdigest() for i in range(n)]
 
 
-def _write_output(out, cfg: Config, meta: dict, columns: dict, files: int = 1) -> list[str]:
+def _write_output(out, cfg: Config, meta: dict, columns: dict, files: int = 1, complete: bool = True,
+                  seed: str = "clip") -> list[str]:
     """Write OUTPUT/latents/*.parquet as the sink writes it: its table (columns, tensor type and
     metadata) from a batch holding ``columns`` (latents, caption, prompt_embeds, image latents);
     ``files`` splits the rows over several files."""
     n = len(next(iter(columns.values())))
-    ids = _clip_ids(n)
+    ids = _clip_ids(n, seed)
     batch = {"clip_id": np.array(ids, dtype=object), "source_uri": np.array([f"s3://in/v{i}.mp4" for i in range(n)]),
              "clip_index": np.arange(n), "start_frame": np.arange(n) * NUM_FRAMES,
-             "num_frames": np.full(n, NUM_FRAMES), "fps": np.full(n, 24.0), "height": np.full(n, SIZE),
-             "width": np.full(n, SIZE), **columns}
+             "num_frames": np.full(n, NUM_FRAMES), "fps": np.full(n, 24.0), "height": np.full(n, cfg.height),
+             "width": np.full(n, cfg.width), **columns}
     table = sink.latents_table(batch, cfg, json.dumps(meta))
     assert set(columns) <= set(table.column_names)  # the sink writes every column the batch has
     os.makedirs(os.path.join(out, "latents"), exist_ok=True)
@@ -107,6 +112,8 @@ def _write_output(out, cfg: Config, meta: dict, columns: dict, files: int = 1) -
     for k in range(files):
         pq.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]),
                        os.path.join(out, "latents", f"part-{k:03d}.parquet"), row_group_size=2)
+    if complete:
+        (out / "_SUCCESS").write_text("{}")
     return ids
 
 
@@ -118,9 +125,9 @@ def _normalise(z: np.ndarray, meta: dict) -> np.ndarray:
     return (z - (meta["shift_factor"] or 0.0) - mean) * meta["scaling_factor"] / std
 
 
-def _prompts(rng, lengths: list[int], dtype=np.float32) -> np.ndarray:
+def _prompts(rng, lengths: list[int], dtype=np.float32, text_len: int = TEXT_LEN) -> np.ndarray:
     """prompt_embeds [N, L, D] padded as WanPipeline leaves them: zero after each prompt's tokens."""
-    embeds = rng.standard_normal((len(lengths), TEXT_LEN, TEXT_DIM)).astype(dtype)
+    embeds = rng.standard_normal((len(lengths), text_len, TEXT_DIM)).astype(dtype)
     for i, length in enumerate(lengths):
         embeds[i, length:] = 0
     return embeds
@@ -201,11 +208,11 @@ def test_cogvideox_finetrainers_holds_the_moments_its_own_precomputation_would(m
     import diffusers
     from actors.encoder import VAEEncoder
 
-    cfg, info, meta = _job(models["cogvideox"], "dist", latent_dtype="float32", prompts=True)
+    cfg, info, meta = _job(models["cogvideox"], "dist", latent_dtype="float32", prompts=True, text_len=226)
     frames = np.stack([samples.synthetic_frames(NUM_FRAMES, SIZE, SIZE, seed=i).transpose(3, 0, 1, 2)
                        for i in range(2)])  # uint8 [B, 3, F, H, W], as the encoder receives clips
     encoded = VAEEncoder(cfg, info).encode(frames, _clip_ids(2))
-    prompts = _prompts(np.random.default_rng(1), [5, TEXT_LEN])
+    prompts = _prompts(np.random.default_rng(1), [5, 226], text_len=226)
     _write_output(tmp_path / "out", cfg, meta, {**encoded, "prompt_embeds": prompts, "caption": ["a cat", "a dog"]})
 
     code, err = _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)
@@ -248,7 +255,7 @@ def test_finetrainers_refuses_latents_without_the_posterior(models, tmp_path, ca
 def test_wan_finetrainers_moments_and_statistics_over_files(models, tmp_path, capsys, monkeypatch):
     """Wan: raw moments [1, 2C, F, H, W] with latents_mean and latents_std = 1/std, float32 [C];
     rows from several files and read a few at a time keep one contiguous index."""
-    monkeypatch.setattr(ex, "ROWS_PER_READ", 2)
+    monkeypatch.setattr(common, "ROWS_PER_READ", 2)
     cfg, info, meta = _job(models["wan"], "dist", prompts=True, image=True)
     rng = np.random.default_rng(2)
     n, shape = 5, _latent_shape(info)
@@ -263,7 +270,8 @@ def test_wan_finetrainers_moments_and_statistics_over_files(models, tmp_path, ca
     code, err = _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)
     assert code == 0, err
     assert "512" in err  # our prompts are padded to TEXT_LEN; finetrainers' Wan conditions to 512
-    assert "padding tokens' states" in err  # WanPipeline's embeddings, not finetrainers' unmasked ones
+    assert "without the mask, which changes the real tokens' states too" in err  # WanPipeline's, masked
+    assert "only text-to-video checkpoints" in err and err.count("only text-to-video") == 1
     assert "image latents not exported" in err and "CLIP image embeddings" in err
 
     latents = finetrainers_load(str(tmp_path / "dest"), "latent")
@@ -345,7 +353,15 @@ def test_wan_musubi_cache_is_normalised_as_musubi_caches_it(models, tmp_path, ca
     assert [(x["video_path"], x["caption"]) for x in _jsonl(tmp_path / "dest")] == \
         [(f"{ids[i]}.mp4", captions[i]) for i in range(3)]
     summary = json.loads((tmp_path / "dest" / ex.MARKER).read_text())
-    assert f"resolution = [{SIZE}, {SIZE}]" in summary["use"] and "enable_bucket" not in summary["use"]
+    assert summary["use"].endswith(f"wan_train_network.py --dataset_config {tmp_path / 'dest' / ex.MUSUBI_TOML} ...")
+    config = tomllib.loads((tmp_path / "dest" / ex.MUSUBI_TOML).read_text())
+    # dataset/config_utils.py's schema: [general] and one [[datasets]] naming the JSONL and the cache
+    assert config["general"]["resolution"] == [SIZE, SIZE] and config["general"]["enable_bucket"] is False
+    assert config["datasets"] == [{"video_jsonl_file": str(tmp_path / "dest" / ex.MUSUBI_JSONL),
+                                   "cache_directory": str(tmp_path / "dest"), "target_frames": [NUM_FRAMES],
+                                   "frame_extraction": "head"}]
+    if mode == "dist":  # musubi's Wan cache holds the mean: a dist OUTPUT's mean is the same thing
+        assert "posterior" not in err
 
 
 def test_hunyuan_musubi_latents_unscaled_and_text_left_to_musubi(models, tmp_path, capsys):
@@ -360,8 +376,11 @@ def test_hunyuan_musubi_latents_unscaled_and_text_left_to_musubi(models, tmp_pat
                                                       "caption": ["a red car", "rain"]})
 
     code, err = _export(tmp_path / "out", tmp_path / "dest", "musubi", capsys)
-    assert code == 0, err
+    assert code == 1, err  # musubi would skip every item: not 0
     assert "CLIP pooled" in err and "_hv_te.safetensors" in err and ex.MUSUBI_JSONL in err
+    assert (f"python src/musubi_tuner/cache_text_encoder_outputs.py --dataset_config "
+            f"{tmp_path / 'dest' / ex.MUSUBI_TOML} --text_encoder1") in err  # the command that adds them
+    assert "the posterior mean (a --latent-mode mode OUTPUT)" in err and "holds a posterior sample" in err
     assert not glob.glob(str(tmp_path / "dest" / "*_te.safetensors"))
     assert musubi_load(str(tmp_path / "dest"), "hv") == {}  # every item skipped until text is cached
 
@@ -444,8 +463,11 @@ def test_s3_output_to_s3_dest(models, tmp_path, capsys, s3_bucket, s3_server):
     code, err = _export(f"s3://{bucket}/run", f"s3://{bucket}/ft", "finetrainers", capsys, s3_endpoint=s3_server)
     assert code == 0, err
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="ft/")["Contents"])
-    assert keys == ["ft/_export.json", *(f"ft/finetrainers-precomputed-data/{t}-{i}.pt"
-                                         for t in ("condition", "latent") for i in range(2))]
+    assert keys == ["ft/_export-files.txt", "ft/_export.json", "ft/finetrainers-dataset.json",
+                    "ft/finetrainers-dataset/prompts.txt", "ft/finetrainers-dataset/videos.txt",
+                    *(f"ft/finetrainers-precomputed-data/{t}-{i}.pt" for t in ("condition", "latent") for i in range(2))]
+    config = json.loads(client.get_object(Bucket=bucket, Key="ft/finetrainers-dataset.json")["Body"].read())
+    assert config["datasets"][0]["data_root"] == "./finetrainers-dataset"  # from a local copy of DEST
     body = client.get_object(Bucket=bucket, Key="ft/finetrainers-precomputed-data/latent-1.pt")["Body"].read()
     item = torch.load(io.BytesIO(body), weights_only=True)
     mu = torch.chunk(item["latents"], 2, dim=1)[0][0]
@@ -492,3 +514,198 @@ def test_cli_export(models, tmp_path):
         ["condition-0.pt", "condition-1.pt", "latent-0.pt", "latent-1.pt"]
     refused = cli(tmp_path / "out", tmp_path / "dest2", "--format", "musubi-tuner")
     assert refused.returncode == 2 and "invalid choice" in refused.stderr
+
+
+# --- issue 21: what exit 0 promises ----------------------------------------------------------------
+
+def finetrainers_start(config_path: str) -> dict:
+    """What finetrainers does with --dataset_config before training (a-r-r-o-w/finetrainers @
+    f476c3717da6cbfb1070505a99ee989426b46d9c): args.py:1012-1015 (the file must exist);
+    trainer/sft_trainer/trainer.py:239-256 (json "datasets", data_root/dataset_file/dataset_type
+    popped, initialize_dataset(data_root, ...)); data/dataset.py:834-840 (a name that is a valid Hub
+    repo id is looked up on the Hub), :859-903 (_initialize_local_dataset: no metadata file, no
+    .tar/.parquet, no caption/video file pairs, then caption and video lists), :272-315
+    (VideoFileCaptionFileListDataset: one caption file and one video file, as many lines each);
+    the rest of each entry goes to IterableDatasetPreprocessingWrapper (:680-691) as keywords."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    assert os.path.exists(config_path), f"Dataset config file {config_path} does not exist."
+    with open(config_path) as f:
+        configs = json.load(f)["datasets"]
+    assert len(configs) >= 1
+    for config in configs:
+        data_root, dataset_file = config.pop("data_root", None), config.pop("dataset_file", None)
+        assert config.pop("dataset_type") in ("image", "video") and not (data_root and dataset_file)
+        config.pop("caption_options", None)
+        with pytest.raises(HFValidationError):  # else repo_exists() asks the Hub
+            validate_repo_id(data_root)
+        root = data_root
+        files = os.listdir(root)
+        assert not {"metadata.json", "metadata.jsonl", "metadata.csv"} & set(files)
+        assert not any(f.endswith((".tar", ".parquet")) for f in files)
+        captions = [f for f in ["caption.txt", "captions.txt", "prompt.txt", "prompts.txt"] if f in files]
+        videos = [f for f in ["video.txt", "videos.txt"] if f in files]
+        assert len(captions) == len(videos) == 1
+        with open(os.path.join(root, captions[0])) as f:
+            n_captions = len(f.read().splitlines())
+        with open(os.path.join(root, videos[0])) as f:
+            n_videos = len(f.read().splitlines())
+        assert n_captions == n_videos >= 1
+        assert set(config) <= {"id_token", "image_resolution_buckets", "video_resolution_buckets", "rename_columns",
+                               "drop_columns", "reshape_mode", "remove_common_llm_caption_prefixes"}
+    return configs
+
+
+def test_finetrainers_command_names_a_dataset_config_it_accepts(models, tmp_path, capsys):
+    cfg, info, meta = _job(models["wan"], "dist", prompts=True)
+    zeros = np.zeros((2, *_latent_shape(info)), np.float16)
+    _write_output(tmp_path / "out", cfg, meta, {"latents_mean": zeros, "latents_logvar": zeros,
+                                                "prompt_embeds": _prompts(np.random.default_rng(10), [3, 4])})
+    code, err = _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "dest" / ex.MARKER).read_text())
+    config_path = str(tmp_path / "dest" / "finetrainers-dataset.json")
+    assert f"--dataset_config {config_path} " in summary["use"]
+    assert f"--precomputation_reuse --precomputation_dir {tmp_path / 'dest'} " in summary["use"]
+    finetrainers_start(config_path)
+    assert len(finetrainers_load(str(tmp_path / "dest"), "latent")) == 2
+
+
+def test_cogvideox_text_length_other_than_226_exits_1(models, tmp_path, capsys):
+    cfg, info, meta = _job(models["cogvideox"], "dist", prompts=True)  # TEXT_LEN tokens, not 226
+    zeros = np.zeros((1, *_latent_shape(info)), np.float16)
+    _write_output(tmp_path / "out", cfg, meta, {"latents_mean": zeros, "latents_logvar": zeros,
+                                                "prompt_embeds": _prompts(np.random.default_rng(11), [3])})
+    code, err = _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)
+    assert code == 1
+    assert "CogVideoX-2b's transformer adds a position embedding sized for 226 text tokens" in err
+    assert "CogVideoX-5b, with rotary embeddings" in err
+
+
+@pytest.mark.parametrize("fmt, model", [("musubi", "wan"), ("finetrainers", "cogvideox")])
+def test_refuses_latents_the_transformer_cannot_patchify(models, tmp_path, capsys, fmt, model):
+    """72 rows -> a 9-row latent: the 2x2 patch embedding floors it and the unpatchify gives 8 back
+    (musubi wan/modules/model.py:641, :929-934 @ 30c658c; diffusers cogvideox_transformer_3d.py:238)."""
+    cfg, info, meta = _job(models[model], "dist", height=72)
+    t, c, h, w = info.latent_shape(NUM_FRAMES, 72, SIZE)
+    assert h % 2  # what the trainer's patchify cannot take
+    zeros = np.zeros((1, t, c, h, w), np.float16)
+    _write_output(tmp_path / "out", cfg, meta, {"latents_mean": zeros, "latents_logvar": zeros})
+    code, err = _export(tmp_path / "out", tmp_path / "dest", fmt, capsys)
+    assert code == 2 and f"64x72 frames give {w}x{h} latents" in err and "multiples of 16" in err
+    assert "64, 80" in err  # the sizes near 72 that work
+    assert not (tmp_path / "dest").exists()
+
+
+def test_encode_and_plan_warn_of_sizes_the_transformers_cannot_patchify(models, capsys):
+    from pipeline import cli
+
+    info = inspect_model(models["wan"])
+    for sizes, bad in ((((72, 64),), True), (((64, 64), (48, 80)), False), (((64, 64), (40, 64)), True)):
+        cfg = Config(input="in", output="out", model=models["wan"], num_frames=NUM_FRAMES, height=sizes[0][0],
+                     width=sizes[0][1], buckets=sizes if len(sizes) > 1 else ())
+        cli._warn_unpatchifiable(cfg, info)
+        err = capsys.readouterr().err
+        assert ("warning:" in err) == bad, err
+        if bad:
+            assert "--format musubi / finetrainers` will refuse them" in err
+    assert not ex.unpatchifiable_warnings("AutoencoderKLLTXVideo", 32, [(96, 96)])  # patch_size 1
+
+
+def test_rerun_replaces_only_its_own_files(models, tmp_path, capsys):
+    """OUTPUT redone with fewer, other clips: the rerun leaves no file of the old clips, which
+    musubi's glob would train on; a file the export did not write is refused, never deleted."""
+    cfg, info, meta = _job(models["wan"], "mode", prompts=True)
+    rng = np.random.default_rng(12)
+
+    def output(n, seed):
+        if (tmp_path / "out").exists():
+            import shutil
+            shutil.rmtree(tmp_path / "out")
+        return _write_output(tmp_path / "out", cfg, meta, {
+            "latents": rng.standard_normal((n, *_latent_shape(info))).astype(np.float16),
+            "prompt_embeds": _prompts(rng, [3] * n), "caption": [f"c{i}" for i in range(n)]}, seed=seed)
+
+    output(3, "old")
+    assert _export(tmp_path / "out", tmp_path / "dest", "musubi", capsys)[0] == 0
+    new = output(2, "new")
+    assert _export(tmp_path / "out", tmp_path / "dest", "musubi", capsys)[0] == 0
+    batch = musubi_load(str(tmp_path / "dest"), "wan")[(SIZE, SIZE, NUM_FRAMES)]
+    assert batch["latents"].shape[0] == 2
+    assert sorted(f.split("_")[0] for f in os.listdir(tmp_path / "dest") if f.endswith("_wan.safetensors")) == \
+        sorted(new)
+    assert len(_jsonl(tmp_path / "dest")) == 2
+    (tmp_path / "dest" / "mine_00000-009_0064x0064_wan.safetensors").write_bytes(b"x")
+    code, err = _export(tmp_path / "out", tmp_path / "dest", "musubi", capsys)
+    assert code == 2 and "did not write" in err and "mine_00000-009_0064x0064_wan.safetensors" in err
+    assert (tmp_path / "dest" / "mine_00000-009_0064x0064_wan.safetensors").exists()
+
+
+def test_interrupted_finetrainers_rerun_is_never_trained_on(models, tmp_path, capsys):
+    """A rerun over fewer, other clips killed after its first item: finetrainers' command refuses
+    to start (no dataset config) instead of pairing old conditions with new latents; the next rerun
+    leaves exactly the new pairs."""
+    cfg, info, meta = _job(models["wan"], "dist", prompts=True)
+    rng = np.random.default_rng(13)
+
+    def output(n, seed):
+        import shutil
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        mean = rng.standard_normal((n, *_latent_shape(info))).astype(np.float16)
+        prompts = _prompts(rng, [3] * n)
+        _write_output(tmp_path / "out", cfg, meta, {"latents_mean": mean, "latents_logvar": mean,
+                                                    "prompt_embeds": prompts}, seed=seed)
+        return mean, prompts
+
+    output(3, "old")
+    assert _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)[0] == 0
+    mean, prompts = output(2, "new")
+    hooks = Hooks()
+    try:
+        hooks.arm("export-item", "raise", first=2, fault={"type": "OSError", "errno": 5})
+        os.environ.update(hooks.env)
+        with pytest.raises(OSError):
+            ex.export_command(str(tmp_path / "out"), str(tmp_path / "dest"), "finetrainers", None)
+        assert hooks.arrivals("export-item") == 2
+    finally:
+        os.environ.pop("VIDEO_LATENTS_TEST_HOOKS", None)
+        hooks.close()
+    assert not (tmp_path / "dest" / "finetrainers-dataset.json").exists()  # finetrainers will not start
+    assert _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)[0] == 0
+    finetrainers_start(str(tmp_path / "dest" / "finetrainers-dataset.json"))
+    latents = finetrainers_load(str(tmp_path / "dest"), "latent")
+    conditions = finetrainers_load(str(tmp_path / "dest"), "condition")
+    assert len(latents) == len(conditions) == 2
+    for i in range(2):  # each index pairs a clip with its own caption's states
+        assert torch.equal(torch.chunk(latents[i]["latents"], 2, dim=1)[0][0],
+                           torch.from_numpy(mean[i]).permute(1, 0, 2, 3))
+        assert torch.equal(conditions[i]["encoder_hidden_states"], torch.from_numpy(prompts[i:i + 1]))
+
+
+def test_musubi_refuses_a_name_its_loader_cannot_parse(models, tmp_path, capsys):
+    """A negative start frame (an OUTPUT from before decoding clamped it) becomes `_-0001-009_`,
+    on which musubi's int() fails for the whole dataset (image_video_dataset.py:872-873 @ 30c658c)."""
+    cfg, info, meta = _job(models["wan"], "mode", prompts=True)
+    _write_output(tmp_path / "out", cfg, meta, {"latents": np.zeros((1, *_latent_shape(info)), np.float16),
+                                                "prompt_embeds": _prompts(np.random.default_rng(14), [3])})
+    table = pq.read_table(tmp_path / "out" / "latents" / "part-000.parquet")
+    table = table.set_column(table.schema.get_field_index("start_frame"), "start_frame",
+                             pa.array([-1], table.schema.field("start_frame").type))
+    pq.write_table(table, tmp_path / "out" / "latents" / "part-000.parquet")
+    code, err = _export(tmp_path / "out", tmp_path / "dest", "musubi", capsys)
+    assert code == 2 and "cannot parse back" in err and "-0001-009" in err
+    assert not (tmp_path / "dest").exists()
+
+
+def test_incomplete_output_is_refused_unless_allowed(models, tmp_path, capsys):
+    cfg, info, meta = _job(models["wan"], "dist", prompts=True)
+    zeros = np.zeros((1, *_latent_shape(info)), np.float16)
+    _write_output(tmp_path / "out", cfg, meta, {"latents_mean": zeros, "latents_logvar": zeros,
+                                                "prompt_embeds": _prompts(np.random.default_rng(15), [3])},
+                  complete=False)
+    code, err = _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)
+    assert code == 2 and "no _SUCCESS" in err and "--allow-incomplete" in err
+    assert not (tmp_path / "dest").exists()
+    assert ex.export_command(str(tmp_path / "out"), str(tmp_path / "dest"), "finetrainers", None, True) == 0
+    assert json.loads((tmp_path / "dest" / ex.MARKER).read_text())["output_complete"] is False
