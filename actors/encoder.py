@@ -65,7 +65,7 @@ class VAEEncoder:
         """What each actor reserves (Ray places, and the autoscaler provisions, by these) and how
         it recovers: a dead actor is restarted and its batch retried, a few times at most, so a
         batch that kills every actor ends the run instead of looping forever."""
-        gpus = cfg.gpus_per_actor * (1 - cfg.text_gpus if cfg.text_embeddings else 1)  # text: actors.text
+        gpus = cfg.gpus_per_actor * (1 - cfg.text_share if cfg.text_embeddings else 1)  # text: actors.text
         options = {"num_gpus": gpus if cfg.device == "cuda" else 0, "num_cpus": 1,
                    "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
         if cfg.device == "cpu":

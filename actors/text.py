@@ -1,10 +1,13 @@
 """The text encoder actor: prompt embeddings for the clips the VAE actors encoded.
 
-Each actor loads the tokenizer and text encoder once (transformers classes, ``from_pretrained``
-as the family's diffusers pipeline loads them) and computes the embeddings by calling that
-pipeline's own ``_get_t5_prompt_embeds`` on them, so the tokenizer call (padding to the maximum
-length, truncation, special tokens), the mask and any family quirk (Wan's zeroed padding, Mochi's
-zeroed empty prompt) are diffusers', not a copy. Identical captions are encoded once per actor.
+Each actor loads the tokenizers and text encoders once (transformers classes, ``from_pretrained``
+as the family's diffusers pipeline loads them; LTX-2's connectors with diffusers) and computes the
+embeddings by calling that pipeline's own code on them (pipeline.text.RECIPES): the T5 families'
+``_get_t5_prompt_embeds``, the HunyuanVideos' ``encode_prompt``, LTX-2's
+``_get_gemma_prompt_embeds`` and its connectors' text projection. So the tokenizer calls
+(templates, padding, truncation, crops), the masks and any family quirk (Wan's zeroed padding,
+Mochi's zeroed empty prompt, HunyuanVideo 1.5's zeros for a prompt without quoted text) are
+diffusers', not a copy. Identical captions are encoded once per actor.
 
 Out of memory (on CUDA the GPU is shared with a VAE actor), captions are split in halves down to
 one at a time, as the VAE actor splits its batches; a clip whose caption alone does not fit gets
@@ -12,6 +15,7 @@ the row the VAE gives a clip that does not fit: retryable, class resource.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
 
@@ -20,7 +24,8 @@ import numpy as np
 from actors.encoder import cpu_threads
 from pipeline import failures, hooks, model, sink
 from pipeline.config import Config
-from pipeline.schema import CAPTION, PROMPT_EMBEDS, PROMPT_MASK, RESOURCE
+from pipeline.schema import (AUDIO_PROMPT_EMBEDS, CAPTION, POOLED_EMBEDS, PROMPT_EMBEDS, PROMPT_EMBEDS_2,
+                             PROMPT_MASK, PROMPT_MASK_2, RESOURCE)
 from pipeline.text import TEXT_ENCODER, TOKENIZER, TextInfo, pipeline_class, text_dtype
 
 log = logging.getLogger(__name__)
@@ -30,40 +35,115 @@ TEXT_BATCH = 16  # captions per text encoder call
 
 
 class _PipelineView:
-    """What ``_get_t5_prompt_embeds`` reads from a pipeline: its tokenizer, text encoder,
-    execution device and registered config; nothing else of the pipeline is built."""
+    """What the pipeline's prompt code reads from a pipeline: its tokenizers, text encoders (and
+    LTX-2's connectors), execution device, registered config and the attributes its ``__init__``
+    sets for that code; the pipeline's methods, bound to this view. Nothing else is built."""
 
-    def __init__(self, tokenizer, text_encoder, device, config: dict):
+    def __init__(self, cls, components: dict, device, config: dict, attributes: dict | None = None):
         from types import SimpleNamespace
 
-        self.tokenizer, self.text_encoder, self._execution_device = tokenizer, text_encoder, device
+        self._cls, self._execution_device = cls, device
         self.config = SimpleNamespace(**config)
+        for name, value in {**components, **(attributes or {})}.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str):  # only for what the view lacks: the pipeline's methods
+        if name.startswith("__") or name == "_cls":
+            raise AttributeError(name)
+        attr = inspect.getattr_static(self._cls, name)
+        if isinstance(attr, staticmethod):
+            return attr.__func__
+        if callable(attr):
+            return attr.__get__(self, type(self))
+        raise AttributeError(name)
 
 
-def load_text(text: TextInfo, device: str, dtype: str, s3=None, allow_pickle: bool = False):
-    """(tokenizer, text encoder) from TEXT_ENCODER/ and TOKENIZER/ beside the VAE (fetched once per
-    node from S3), as the pipeline's ``from_pretrained`` loads them."""
+def _mllm_attributes(cls, length: int) -> dict:
+    """What HunyuanVideo15Pipeline.__init__ sets for its encode_prompt, which calls its
+    _get_mllm_prompt_embeds / _get_byt5_prompt_embeds with them: the same values as those
+    methods' own defaults (tests/test_text.py checks them against a pipeline instance), except
+    the prompt length, which --text-max-length may set."""
+    mllm = inspect.signature(cls._get_mllm_prompt_embeds).parameters
+    byt5 = inspect.signature(cls._get_byt5_prompt_embeds).parameters
+    return {"tokenizer_max_length": length, "system_message": mllm["system_message"].default,
+            "prompt_template_encode_start_idx": mllm["crop_start"].default,
+            "tokenizer_2_max_length": byt5["tokenizer_max_length"].default}
+
+
+def load_text(text: TextInfo, device: str, dtype: str, s3=None, allow_pickle: bool = False) -> dict:
+    """{subfolder: loaded component}: TEXT_ENCODER/, TOKENIZER/ and the recipe's others beside the
+    VAE (fetched once per node from S3), as the pipeline's ``from_pretrained`` loads them."""
     import torch
-    import transformers
 
-    encoder_root = model.fetch_folder(text.source, TEXT_ENCODER, text.encoder_files, s3)
-    tokenizer_root = model.fetch_folder(text.source, TOKENIZER, text.tokenizer_files, s3)
-    tokenizer = getattr(transformers, text.tokenizer_class).from_pretrained(
-        tokenizer_root, subfolder=TOKENIZER, revision=text.revision)  # a hub id: the recorded commit
-    encoder = getattr(transformers, text.encoder_class).from_pretrained(
-        encoder_root, subfolder=TEXT_ENCODER, revision=text.revision, torch_dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True)
-    return tokenizer, encoder.to(device).eval()
+    pipeline = pipeline_class(text.pipeline)
+    wanted = [(TOKENIZER, "transformers", text.tokenizer_class, text.tokenizer_files),
+              (TEXT_ENCODER, "transformers", text.encoder_class, text.encoder_files), *text.components]
+    loaded = {}
+    for sub, library, class_name, files in wanted:
+        root = model.fetch_folder(text.source, sub, files, s3)
+        cls = _component_class(library, class_name, pipeline)
+        kwargs = {"subfolder": sub, "revision": text.revision}  # a hub id: the recorded commit
+        if sub.startswith(TOKENIZER):
+            loaded[sub] = cls.from_pretrained(root, **kwargs)
+            continue
+        weights = {"use_safetensors": None if allow_pickle else True}
+        loaded[sub] = cls.from_pretrained(root, **kwargs, torch_dtype=getattr(torch, dtype), **weights) \
+            .to(device).eval()
+    return loaded
+
+
+def _component_class(library: str, name: str, pipeline):
+    """A model_index.json entry's class, as diffusers resolves it: from ``transformers`` or
+    ``diffusers``, else from the pipeline's own module (LTX-2's connectors:
+    ``["ltx2", "LTX2TextConnectors"]``, not exported by diffusers itself)."""
+    import importlib
+
+    if library in ("transformers", "diffusers") and hasattr(importlib.import_module(library), name):
+        return getattr(importlib.import_module(library), name)
+    return getattr(importlib.import_module(pipeline.__module__.rsplit(".", 1)[0]), name)
+
+
+class _Projected(Exception):
+    """Raised by a hook once the LTX-2 connectors' text projection(s) ran: the rest of their
+    forward (the connector transformers) belongs to the transformer side, as in the LTX-2 trainer."""
+
+
+def _connector_projections(connectors, packed, mask, padding_side: str) -> list:
+    """LTX2TextConnectors.forward run by diffusers up to its text projection(s) (its norm over the
+    Gemma layers, then ``text_proj_in``, or LTX-2.3's ``video_text_proj_in`` and
+    ``audio_text_proj_in``), stopped there: [video] or [video, audio] features, as the LTX-2
+    trainer caches them (ltx-trainer scripts/process_captions.py: the feature extractor's output,
+    the connector applied during training)."""
+    names = ["video_text_proj_in", "audio_text_proj_in"] if connectors.config.per_modality_projections \
+        else ["text_proj_in"]
+    got = []
+
+    def keep(module, args, output):
+        got.append(output)
+        if len(got) == len(names):
+            raise _Projected
+
+    handles = [getattr(connectors, n).register_forward_hook(keep) for n in names]
+    try:
+        connectors(packed, mask, padding_side=padding_side)
+    except _Projected:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
 
 
 class TextEncoder:
-    """Ray Data actor (map_batches): adds PROMPT_EMBEDS [L, D] (and PROMPT_MASK [L] where the
-    pipeline has one) to each row, from its CAPTION."""
+    """Ray Data actor (map_batches): adds the text columns (TextInfo.columns: PROMPT_EMBEDS [L, D],
+    PROMPT_MASK [L] where the pipeline has one, and the family's others) to each row, from its
+    CAPTION."""
 
     @staticmethod
     def ray_options(cfg: Config) -> dict:
         # No CPU reserved (the decode tasks need them; this actor waits on its GPU or uses torch's
         # threads); on CUDA, --text-gpus of each encoder slot's GPU (the VAE actor has the rest).
-        return {"num_cpus": 0, "num_gpus": cfg.gpus_per_actor * cfg.text_gpus if cfg.device == "cuda" else 0,
+        return {"num_cpus": 0, "num_gpus": cfg.gpus_per_actor * cfg.text_share if cfg.device == "cuda" else 0,
                 "max_restarts": -1, "max_task_retries": 3}
 
     def __init__(self, cfg: Config, text: TextInfo):
@@ -74,14 +154,35 @@ class TextEncoder:
         self.device = torch.device(hooks.compute_device(cfg.device))
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg))
-        tokenizer, encoder = load_text(text, str(self.device), text_dtype(cfg) or "float32", cfg.s3,
-                                       cfg.allow_pickle)
-        self.view = _PipelineView(tokenizer, encoder, self.device, text.pipeline_config)
-        self.embed_fn = pipeline_class(text.pipeline)._get_t5_prompt_embeds
+        components = load_text(text, str(self.device), text_dtype(cfg) or "float32", cfg.s3, cfg.allow_pickle)
+        cls = pipeline_class(text.pipeline)
+        attributes = _mllm_attributes(cls, text.max_sequence_length) if text.recipe == "mllm_byt5" else None
+        self.view = _PipelineView(cls, components, self.device, text.pipeline_config, attributes)
         self.cache: OrderedDict[str, tuple] = OrderedDict()
 
-    def embed(self, captions: list[str]) -> list[tuple | None]:
-        """[(embeds [L, D] in the storage dtype, mask [L] uint8 or None)] per caption, through the
+    def _compute(self, prompts: list[str]) -> dict:
+        """{column: tensor [N, ...]} for ``prompts``, by the pipeline's own code."""
+        view, length, device = self.view, self.text.max_sequence_length, self.device
+        if self.text.recipe == "llama_clip":  # HunyuanVideoPipeline.encode_prompt
+            embeds, pooled, mask = view.encode_prompt(prompt=prompts, device=device, max_sequence_length=length)
+            return {PROMPT_EMBEDS: embeds, PROMPT_MASK: mask, POOLED_EMBEDS: pooled}
+        if self.text.recipe == "mllm_byt5":  # HunyuanVideo15Pipeline.encode_prompt
+            embeds, mask, embeds_2, mask_2 = view.encode_prompt(prompt=prompts, device=device,
+                                                                batch_size=len(prompts))
+            return {PROMPT_EMBEDS: embeds, PROMPT_MASK: mask, PROMPT_EMBEDS_2: embeds_2, PROMPT_MASK_2: mask_2}
+        if self.text.recipe == "gemma":  # LTX2Pipeline: Gemma's stacked states, then the connectors' projection
+            packed, mask = view._get_gemma_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
+            # LTX2Pipeline.__call__ passes the connectors the tokenizer's padding side
+            side = getattr(view.tokenizer, "padding_side", "left")
+            video, *audio = _connector_projections(view.connectors, packed, mask, side)
+            return {PROMPT_EMBEDS: video, PROMPT_MASK: mask, **({AUDIO_PROMPT_EMBEDS: audio[0]} if audio else {})}
+        result = view._get_t5_prompt_embeds(prompt=prompts, num_videos_per_prompt=1, max_sequence_length=length,
+                                            device=device)
+        embeds, mask = result if isinstance(result, tuple) else (result, None)
+        return {PROMPT_EMBEDS: embeds, **({PROMPT_MASK: mask} if mask is not None else {})}
+
+    def embed(self, captions: list[str]) -> list[dict | None]:
+        """[{column: array}] per caption (embeddings in the storage dtype, masks uint8), through the
         pipeline's own code; None for a caption that alone does not fit in the device's memory.
         Batched, except an empty caption, which Mochi's pipeline treats specially by looking at
         the batch's last prompt: alone, it gets exactly its own result."""
@@ -94,13 +195,12 @@ class TextEncoder:
                 out.update(self._embed_fitting(captions, idx))
         return [out[i] for i in range(len(captions))]
 
-    def _embed_fitting(self, captions: list[str], idx: list[int]) -> dict[int, tuple | None]:
+    def _embed_fitting(self, captions: list[str], idx: list[int]) -> dict[int, dict | None]:
         """Embed captions ``idx``; out of memory (the GPU is shared with the VAE actor), split
         them in halves down to single captions, as the VAE actor splits its batches. A caption
         that alone does not fit maps to None. Any other failure goes on up."""
         try:
-            result = self.embed_fn(self.view, prompt=[captions[i] for i in idx], num_videos_per_prompt=1,
-                                   max_sequence_length=self.text.max_sequence_length, device=self.device)
+            result = self._compute([captions[i] for i in idx])
         except Exception as e:  # noqa: BLE001 - out of memory is met below; the rest goes on up
             if not failures.is_out_of_memory(e):
                 raise
@@ -113,10 +213,10 @@ class TextEncoder:
                 return {idx[0]: None}
             half = len(idx) // 2
             return {**self._embed_fitting(captions, idx[:half]), **self._embed_fitting(captions, idx[half:])}
-        embeds, mask = result if isinstance(result, tuple) else (result, None)
-        embeds = embeds.to(getattr(self.torch, self.cfg.latent_dtype)).cpu().numpy()
-        mask = None if mask is None else mask.to(self.torch.uint8).cpu().numpy()
-        return {i: (embeds[j], None if mask is None else mask[j]) for j, i in enumerate(idx)}
+        kinds = {name: kind for name, _, kind in self.text.columns}
+        arrays = {name: t.to(self.torch.uint8 if kinds[name] == "mask" else getattr(self.torch, self.cfg.latent_dtype))
+                  .cpu().numpy() for name, t in result.items()}
+        return {i: {name: a[j] for name, a in arrays.items()} for j, i in enumerate(idx)}
 
     def __call__(self, batch: dict) -> dict:
         hooks.reach("text")
@@ -132,13 +232,10 @@ class TextEncoder:
             self.cache.popitem(last=False)
         if any(v is None for v in values):
             batch, values = self._drop_unfitting(batch, values)
-        shape = (self.text.max_sequence_length, self.text.hidden_size)
         batch = dict(batch)
-        batch[PROMPT_EMBEDS] = np.stack([v[0] for v in values]) if values else \
-            np.zeros((0, *shape), dtype=self.cfg.latent_dtype)
-        if self.text.attention_mask:
-            batch[PROMPT_MASK] = np.stack([v[1] for v in values]) if values else \
-                np.zeros((0, shape[0]), dtype=np.uint8)
+        for name, shape, kind in self.text.columns:
+            batch[name] = np.stack([v[name] for v in values]) if values else \
+                np.zeros((0, *shape), dtype=np.uint8 if kind == "mask" else self.cfg.latent_dtype)
         return batch
 
     def _drop_unfitting(self, batch: dict, values: list) -> tuple[dict, list]:

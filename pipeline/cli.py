@@ -124,10 +124,12 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                            "manifest has one); an empty cell, or no manifest, takes the .txt file beside "
                            "each video")
     text.add_argument("--text-max-length", type=int, default=None, metavar="L",
-                      help="tokens (default: the pipeline's: CogVideoX 226, Mochi 256, LTX-Video 128, Wan 512)")
-    text.add_argument("--text-gpus", type=float, default=0.25, metavar="FRACTION",
+                      help="tokens (default: the pipeline's: CogVideoX 226, Mochi 256, LTX-Video 128, Wan 512, "
+                           "HunyuanVideo 256, HunyuanVideo 1.5 1000, LTX-2 1024)")
+    text.add_argument("--text-gpus", type=float, default=None, metavar="FRACTION",
                       help="on cuda, the share of each encoder slot's GPU that its text encoder actor takes "
-                           "(default 0.25; the VAE actor gets the rest)")
+                           "(default: the family's, 0.25 for the T5 families, 0.5 for LTX-2 and the "
+                           "HunyuanVideos; the VAE actor gets the rest)")
     text.add_argument("--image-latents", action="store_true",
                       help="add image_latents [1, C, h, w]: each clip's first frame encoded alone and "
                            "normalised as the family's image-to-video pipeline does")

@@ -248,8 +248,8 @@ def plan_line(cfg: Config, why: str, rows_per_file: int) -> str:
                   ", as many torch threads as the node has CPUs")
     source = cfg.input if cfg.manifest is None else f"--manifest {cfg.manifest}"
     if cfg.text_embeddings:  # a text encoder actor beside each VAE actor, sharing its GPU slot
-        each = (f", {cfg.gpus_per_actor * (1 - cfg.text_gpus):g} GPU each; text encoder pool 1..{cfg.num_actors[1]}, "
-                f"{cfg.gpus_per_actor * cfg.text_gpus:g} GPU each" if cfg.device == "cuda" else
+        each = (f", {cfg.gpus_per_actor * (1 - cfg.text_share):g} GPU each; text encoder pool 1..{cfg.num_actors[1]}, "
+                f"{cfg.gpus_per_actor * cfg.text_share:g} GPU each" if cfg.device == "cuda" else
                 f"; text encoder pool 1..{cfg.num_actors[1]}")
     return (f"video-latents: plan: encoder pool {cfg.num_actors[0]}..{cfg.num_actors[1]} actor(s) on "
             f"{cfg.device}{each} ({why}), {batch}; compute {cfg.dtype}, storage {cfg.latent_dtype}; "

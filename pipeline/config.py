@@ -31,6 +31,8 @@ class ConfigError(ValueError):
     """A bad option or combination: one line saying what to change (exit code 2)."""
 
 
+DEFAULT_TEXT_GPUS = 0.25  # --text-gpus of the T5 families (pipeline.text.RECIPES has each family's)
+
 @dataclass(frozen=True)
 class Config:
     input: str | None  # None with --manifest
@@ -66,7 +68,10 @@ class Config:
     # inputs without a manifest) take the .txt beside the video.
     caption_column: str | None = None
     text_max_length: int | None = None  # None: the family pipeline's default
-    text_gpus: float = 0.25  # of each encoder slot's --gpus-per-actor, given to its text encoder actor
+    # Of each encoder slot's --gpus-per-actor, given to its text encoder actor; None: the family's
+    # (pipeline.text.RECIPES: 0.25 for the T5 families, 0.5 for LTX-2 and the HunyuanVideos), set by
+    # validate once the text encoder is known.
+    text_gpus: float | None = None
     image_latents: bool = False  # the first frame of each clip encoded alone, as image-to-video conditioning
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     s3_endpoint: str | None = None
@@ -115,6 +120,12 @@ class Config:
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def text_share(self) -> float:
+        """--text-gpus as the run uses it: validate sets the family's default; a config that did
+        not go through validate gets the T5 families'."""
+        return DEFAULT_TEXT_GPUS if self.text_gpus is None else self.text_gpus
+
 
 # --batch-size auto. On CPU: the best in the pipeline's sweep (BENCHMARKS.md). On CUDA, Ray Data
 # hands actors batches of up to GPU_MAX_BATCH clips, and each actor encodes them in chunks of the
@@ -154,8 +165,7 @@ def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
     most = max(math.prod(info.latent_shape(cfg.num_frames, h, w)) for h, w in sizes)
     if cfg.image_latents:  # one more latent frame per tensor
         most += max(math.prod(info.latent_shape(1, h, w)) for h, w in sizes)
-    text = info.text.max_sequence_length * (info.text.hidden_size * itemsize + 1) \
-        if cfg.text_embeddings and info.text else 0
+    text = info.text.bytes_per_row(itemsize) if cfg.text_embeddings and info.text else 0
     return most * itemsize * tensors + text
 
 
@@ -181,7 +191,8 @@ def _check_options(cfg: Config) -> None:
     _check(cfg.max_clips is None or cfg.max_clips >= 1, "--max-clips must be at least 1")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "--batch-size must be at least 1 (or auto)")
     _check(cfg.memory_format in MEMORY_FORMATS, f"--memory-format must be one of {'|'.join(MEMORY_FORMATS)}")
-    _check(0 < cfg.text_gpus < 1, "--text-gpus must be a fraction between 0 and 1 of each encoder slot")
+    _check(cfg.text_gpus is None or 0 < cfg.text_gpus < 1,
+           "--text-gpus must be a fraction between 0 and 1 of each encoder slot")
     _check(cfg.text_max_length is None or cfg.text_max_length >= 1, "--text-max-length must be at least 1")
     _check(cfg.text_encoder is None or cfg.text_embeddings, "--text-encoder needs --text-embeddings")
     _check(cfg.caption_column is None or (cfg.text_embeddings and cfg.manifest),
@@ -272,6 +283,8 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
             info = dataclasses.replace(info, text=inspect_text(cfg, info.class_name))
         except (TextError, OSError) as e:
             raise ConfigError(failures.first_line(e)) from None
+        if cfg.text_gpus is None:
+            cfg = cfg.replace(text_gpus=info.text.default_gpus)
     _check_output(cfg)
     return cfg.replace(subfolder=info.subfolder), info
 

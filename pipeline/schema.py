@@ -53,10 +53,16 @@ def tensor_columns(latent_mode: str) -> tuple[str, ...]:
     return ("latents_mean", "latents_logvar") if latent_mode == "dist" else ("latents",)
 
 
-# With --text-embeddings: the caption each clip used and the text encoder's output (pipeline.text);
-# the mask only for families whose pipeline uses one (Mochi, LTX-Video): uint8, 1 = a real token.
+# With --text-embeddings: the caption each clip used and the text encoders' output (pipeline.text);
+# a mask only for families whose pipeline uses one (Mochi, LTX-Video, LTX-2, the HunyuanVideos):
+# uint8, 1 = a real token. HunyuanVideo adds CLIP-L's pooled output, HunyuanVideo 1.5 ByT5's
+# embeddings and mask, LTX-2.3 its audio branch's projection.
 CAPTION = "caption"
 PROMPT_EMBEDS, PROMPT_MASK = "prompt_embeds", "prompt_attention_mask"
+POOLED_EMBEDS = "pooled_prompt_embeds"
+PROMPT_EMBEDS_2, PROMPT_MASK_2 = "prompt_embeds_2", "prompt_attention_mask_2"
+AUDIO_PROMPT_EMBEDS = "audio_prompt_embeds"
+TEXT_COLUMNS = (PROMPT_EMBEDS, PROMPT_MASK, POOLED_EMBEDS, PROMPT_EMBEDS_2, PROMPT_MASK_2, AUDIO_PROMPT_EMBEDS)
 IMAGE_PREFIX = "image_"  # --image-latents: image_latents (or image_latents_mean/_logvar in dist mode)
 
 
@@ -64,5 +70,5 @@ def image_columns(latent_mode: str) -> tuple[str, ...]:
     return tuple(IMAGE_PREFIX + name for name in tensor_columns(latent_mode))
 
 
-ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", PROMPT_EMBEDS, PROMPT_MASK,
+ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", *TEXT_COLUMNS,
                       *(IMAGE_PREFIX + c for c in ("latents", "latents_mean", "latents_logvar")))

@@ -17,7 +17,7 @@ from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
 from pipeline.text import text_dtype
 from pipeline.schema import (CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
-                             METADATA_KEY, PROMPT_EMBEDS, PROMPT_MASK, STAGES, image_columns, tensor_columns)
+                             METADATA_KEY, STAGES, TEXT_COLUMNS, image_columns, tensor_columns)
 
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 
@@ -105,7 +105,7 @@ def _extra_arrays(batch: dict, cfg: Config):
 
 def output_tensor_columns(cfg: Config, batch: dict) -> tuple[str, ...]:
     """The tensor columns a row of this job carries, in the order they are written."""
-    extra = (PROMPT_EMBEDS, PROMPT_MASK, *image_columns(cfg.latent_mode))
+    extra = (*TEXT_COLUMNS, *image_columns(cfg.latent_mode))
     return tensor_columns(cfg.latent_mode) + tuple(c for c in extra if c in batch)
 
 

@@ -314,3 +314,180 @@ def test_the_vae_batch_search_is_sized_to_the_actors_share_of_the_gpu():
     assert share(text_embeddings=True) == 0.75  # --text-gpus 0.25 is the text actor's
     assert share(gpus_per_actor=0.5, text_embeddings=True, text_gpus=0.5) == 0.25
     assert share(gpus_per_actor=2) == 1.0  # two whole GPUs: it computes on the first, alone
+
+
+# LTX-2 and the HunyuanVideos (issue 22): tiny text encoders of the real classes (tests/tiny_text.py),
+# each family's embeddings against a direct computation written from its diffusers 0.42.1 pipeline.
+def _rel_l2(got, want) -> float:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _embed(folder: str, vae_class: str, captions: list[str], **kw):
+    """The text inspection of ``folder`` (its model_index.json) and the text actor's output."""
+    from actors.text import TextEncoder
+    from pipeline.text import inspect_text
+
+    cfg = Config(input=folder, output=os.path.join(folder, "out"), model=folder, text_embeddings=True,
+                 latent_dtype="float32", device="cpu", **kw)
+    info = inspect_text(cfg, vae_class)
+    actor = TextEncoder(cfg, info)
+    n = len(captions)
+    return info, actor, actor({"caption": np.array(captions, dtype=object), "clip_id": np.arange(n).astype(str)})
+
+
+def test_hunyuan_video_prompt_embeddings_are_its_encode_prompts(tmp_path):
+    """HunyuanVideoPipeline.encode_prompt, once refused: the Llama's hidden states from the third
+    layer from the end after the prompt template, the template's tokens cropped, 256 tokens with
+    their mask, and CLIP-L's pooled output; validated from the model folder (the VAE family exists),
+    with the family's --text-gpus (0.5) unless one is given."""
+    import transformers
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from tests import tiny_text
+
+    model = tiny_text.make_hunyuan_video(str(tmp_path / "m"))
+    _save("AutoencoderKLHunyuanVideo", TINY["AutoencoderKLHunyuanVideo"][0], model)
+    os.makedirs(tmp_path / "in")
+    base = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model, height=HEIGHT, width=WIDTH,
+                num_frames=TINY["AutoencoderKLHunyuanVideo"][1], text_embeddings=True, device="cpu")
+    cfg, info = validate(Config(**base))
+    assert (info.text.pipeline, cfg.text_gpus) == ("HunyuanVideoPipeline", 0.5)
+    assert validate(Config(**base, text_gpus=0.3))[0].text_gpus == 0.3
+
+    captions = [samples.CAPTIONS[0], samples.CAPTIONS[3] + " " + samples.CAPTIONS[4], ""]
+    _, _, out = _embed(model, "AutoencoderKLHunyuanVideo", captions)
+
+    # diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py (0.42.1), _get_llama_prompt_embeds
+    # lines 199-263: template.format(prompt), crop_start 95 from DEFAULT_PROMPT_TEMPLATE (70-82),
+    # padded to 256 + crop_start, hidden_states[-(2 + 1)], then [:, crop_start:] for states and mask
+    tokenizer = transformers.LlamaTokenizerFast.from_pretrained(model, subfolder="tokenizer")
+    llama = transformers.LlamaModel.from_pretrained(model, subfolder="text_encoder").eval()
+    crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    t = tokenizer([DEFAULT_PROMPT_TEMPLATE["template"].format(c) for c in captions], max_length=256 + crop,
+                  padding="max_length", truncation=True, return_tensors="pt", return_attention_mask=True)
+    # _get_clip_prompt_embeds, lines 265-302: padded to 77 (encode_prompt, line 333), pooler_output
+    clip_tokenizer = transformers.CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2")
+    clip = transformers.CLIPTextModel.from_pretrained(model, subfolder="text_encoder_2").eval()
+    c = clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = llama(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True).hidden_states
+        pooled = clip(c.input_ids).pooler_output
+    assert out[PROMPT_EMBEDS].shape == (3, 256, 16) and out["pooled_prompt_embeds"].shape == (3, 12)
+    assert _rel_l2(out[PROMPT_EMBEDS], states[-3][:, crop:]) <= 1e-4
+    np.testing.assert_array_equal(out[PROMPT_MASK], t.attention_mask[:, crop:].numpy())
+    assert _rel_l2(out["pooled_prompt_embeds"], pooled) <= 1e-4
+
+
+def test_hunyuan_video_15_prompt_embeddings_are_its_encode_prompts(tmp_path):
+    """HunyuanVideo15Pipeline.encode_prompt: Qwen2.5-VL's states after its chat template (1000
+    tokens past the 108 cropped) with their mask, and ByT5's embeddings of the prompt's quoted
+    text (zeros and a zero mask when it has none), in columns of their own. The VAE family is not
+    on this branch: the text inspection reads the folder's model_index.json."""
+    import re
+
+    import diffusers
+    import transformers
+
+    from tests import tiny_text
+
+    model = tiny_text.make_hunyuan_video_15(str(tmp_path / "m"))
+    captions = [samples.CAPTIONS[1], tiny_text.GLYPH_CAPTION, ""]
+    info, actor, out = _embed(model, "AutoencoderKLHunyuanVideo15", captions)
+    assert info.pipeline == "HunyuanVideo15Pipeline" and info.default_gpus == 0.5
+
+    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(model, subfolder="tokenizer")
+    qwen = transformers.Qwen2_5_VLTextModel.from_pretrained(model, subfolder="text_encoder").eval()
+    byt5_tokenizer = transformers.ByT5Tokenizer.from_pretrained(model, subfolder="tokenizer_2")
+    byt5 = transformers.T5EncoderModel.from_pretrained(model, subfolder="text_encoder_2").eval()
+    # What the pipeline's __init__ sets for encode_prompt (pipeline_hunyuan_video1_5.py, 0.42.1,
+    # lines 221-233), read from a real instance, equal what the actor's view carries.
+    vae = diffusers.AutoencoderKLHunyuanVideo15(block_out_channels=(8,) * 5, layers_per_block=1,
+                                               latent_channels=4)
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=qwen, tokenizer=tokenizer, transformer=None, vae=vae,
+                                            scheduler=None, text_encoder_2=byt5, tokenizer_2=byt5_tokenizer,
+                                            guider=None)
+    names = ("tokenizer_max_length", "system_message", "prompt_template_encode_start_idx", "tokenizer_2_max_length")
+    assert {n: getattr(actor.view, n) for n in names} == {n: getattr(pipe, n) for n in names}
+
+    # _get_mllm_prompt_embeds, lines 241-287, with format_text_input (64-80): system and user
+    # messages (" " for an empty prompt), the chat template with the generation prompt, padded to
+    # max length + crop_start, hidden_states[-(2 + 1)], then [:, crop_start:]
+    crop, length = pipe.prompt_template_encode_start_idx, pipe.tokenizer_max_length
+    chats = [[{"role": "system", "content": pipe.system_message}, {"role": "user", "content": c or " "}]
+             for c in captions]
+    t = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      padding="max_length", max_length=length + crop, truncation=True,
+                                      return_tensors="pt")
+    with torch.no_grad():
+        states = qwen(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True).hidden_states
+    assert out[PROMPT_EMBEDS].shape == (3, 1000, 16)
+    assert _rel_l2(out[PROMPT_EMBEDS], states[-3][:, crop:]) <= 1e-4
+    np.testing.assert_array_equal(out[PROMPT_MASK], t.attention_mask[:, crop:].numpy())
+
+    # _get_byt5_prompt_embeds, lines 289-332, with extract_glyph_texts (83-104): the quoted texts
+    # as 'Text "...". ', padded to 256, the encoder's first output; none: zeros and a zero mask
+    want, masks = np.zeros((3, 256, 8), np.float32), np.zeros((3, 256), np.uint8)
+    for i, caption in enumerate(captions):
+        quoted = [a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", caption)]
+        if quoted:
+            glyph = ". ".join(f'Text "{q}"' for q in quoted) + ". "
+            g = byt5_tokenizer(glyph, padding="max_length", max_length=256, truncation=True, add_special_tokens=True,
+                               return_tensors="pt")
+            with torch.no_grad():
+                want[i] = byt5(input_ids=g.input_ids, attention_mask=g.attention_mask.float())[0][0].numpy()
+            masks[i] = g.attention_mask[0].numpy()
+    assert masks[1].any() and not masks[0].any()
+    assert _rel_l2(out["prompt_embeds_2"], want) <= 1e-4 and not out["prompt_embeds_2"][[0, 2]].any()
+    np.testing.assert_array_equal(out["prompt_attention_mask_2"], masks)
+
+
+@pytest.mark.parametrize("per_modality", [False, True], ids=["LTX-2.0", "LTX-2.3"])
+def test_ltx2_prompt_embeddings_are_the_trainers_features(tmp_path, per_modality):
+    """LTX2Pipeline._get_gemma_prompt_embeds (every Gemma 3 hidden state, left-padded to 1024),
+    then its connectors' text projection: what the LTX-2 trainer caches (the connector
+    transformers run in training). LTX-2.3's per-modality projections give audio_prompt_embeds
+    too. The VAE family is not on this branch: the inspection reads model_index.json."""
+    import transformers
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    from tests import tiny_text
+
+    model = tiny_text.make_ltx2(str(tmp_path / "m"), per_modality=per_modality)
+    captions = ["  " + samples.CAPTIONS[2], samples.CAPTIONS[5], ""]
+    info, _, out = _embed(model, "AutoencoderKLLTX2Video", captions)
+    assert (info.pipeline, info.max_sequence_length, info.default_gpus) == ("LTX2Pipeline", 1024, 0.5)
+
+    # diffusers/pipelines/ltx2/pipeline_ltx2.py (0.42.1), _get_gemma_prompt_embeds lines 303-365:
+    # left padding, stripped prompts, padded to 1024, every hidden state stacked on a last axis
+    tokenizer = transformers.GemmaTokenizerFast.from_pretrained(model, subfolder="tokenizer")
+    tokenizer.padding_side = "left"
+    gemma = transformers.Gemma3ForConditionalGeneration.from_pretrained(model, subfolder="text_encoder").eval()
+    connectors = LTX2TextConnectors.from_pretrained(model, subfolder="connectors").eval()
+    t = tokenizer([c.strip() for c in captions], padding="max_length", max_length=1024, truncation=True,
+                  add_special_tokens=True, return_tensors="pt")
+    with torch.no_grad():
+        h = torch.stack(gemma(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                              output_hidden_states=True).hidden_states, dim=-1)  # [B, L, D, layers]
+    b, length, d, _ = h.shape
+    mask = t.attention_mask
+    if not per_modality:
+        # connectors.py per_layer_masked_mean_norm (lines 12-78), left padding, scale 8, eps 1e-6;
+        # then text_proj_in (forward, lines 443-452)
+        lengths = mask.sum(-1)
+        valid = (torch.arange(length)[None] >= length - lengths[:, None])[:, :, None, None]
+        mean = h.masked_fill(~valid, 0).sum(dim=(1, 2), keepdim=True) / ((lengths * d).view(b, 1, 1, 1) + 1e-6)
+        lo = h.masked_fill(~valid, float("inf")).amin(dim=(1, 2), keepdim=True)
+        hi = h.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
+        x = ((h - mean) / (hi - lo + 1e-6) * 8).flatten(2).masked_fill(~valid[..., 0], 0)
+        want = {PROMPT_EMBEDS: x @ connectors.text_proj_in.weight.T}
+    else:
+        # per_token_rms_norm (lines 81-84), padding zeroed, each branch's scale and projection
+        # (forward, lines 426-441)
+        x = (h * torch.rsqrt(h.pow(2).mean(dim=2, keepdim=True) + 1e-6)).flatten(2) * mask.bool()[..., None]
+        want = {PROMPT_EMBEDS: x * (24 / 16) ** 0.5 @ connectors.video_text_proj_in.weight.T,
+                "audio_prompt_embeds": x * (8 / 16) ** 0.5 @ connectors.audio_text_proj_in.weight.T}
+    assert set(out) == {"caption", "clip_id", PROMPT_MASK, *want}
+    for name, tensor in want.items():
+        assert out[name].shape == tuple(tensor.shape) and _rel_l2(out[name], tensor.detach()) <= 1e-4, name
+    np.testing.assert_array_equal(out[PROMPT_MASK], mask.numpy())
