@@ -37,7 +37,7 @@ def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
                               use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
         vae.enable_tiling()
-    if cfg.slicing:
+    if cfg.slicing or info.one_clip_per_call:
         vae.enable_slicing()
     return vae.to(device or cfg.device).eval().requires_grad_(False)
 
@@ -240,7 +240,7 @@ class VAEEncoder:
         """Encode (a lone clip padded, see _encode_fitting), letting out-of-memory
         through; any other failure is systemic."""
         n = len(ids)
-        if pad and n == 1 and self.chunk > 1:
+        if pad and n == 1 and self.chunk > 1 and not getattr(self.vae, "use_slicing", False):
             clips, ids = np.concatenate([clips, clips]), [ids[0], ids[0]]
         try:
             return {k: v[:n] for k, v in self.encode(clips, ids).items()}

@@ -44,6 +44,9 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
         "seed": cfg.seed if cfg.latent_mode == "sample" else None,
         "layout": LAYOUT,
         "latent_shape": list(info.latent_shape(cfg.num_frames, cfg.height, cfg.width)),
+        # The VAE's own patchification (LTX-Video, LTX-2, Wan 2.2): part of its spatial ratio, not
+        # the transformer's packing, which trainers apply to these latents as they are.
+        "vae_patch_size": {k: info.config[k] for k in ("patch_size", "patch_size_t") if k in info.config} or None,
         "latent_dtype": cfg.latent_dtype,
         "compute_dtype": cfg.dtype,
         "resize": cfg.resize,
