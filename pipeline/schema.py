@@ -57,6 +57,8 @@ def tensor_columns(latent_mode: str) -> tuple[str, ...]:
 # the mask only for families whose pipeline uses one (Mochi, LTX-Video): uint8, 1 = a real token.
 CAPTION = "caption"
 PROMPT_EMBEDS, PROMPT_MASK = "prompt_embeds", "prompt_attention_mask"
+AUDIO = "audio"  # --audio-latents: a clip's PCM, float32 [2, n] at the audio VAE's rate (decode -> encoder)
+AUDIO_LATENTS = "audio_latents"  # [C, L, M] (pipeline.audio)
 IMAGE_PREFIX = "image_"  # --image-latents: image_latents (or image_latents_mean/_logvar in dist mode)
 
 
@@ -64,5 +66,5 @@ def image_columns(latent_mode: str) -> tuple[str, ...]:
     return tuple(IMAGE_PREFIX + name for name in tensor_columns(latent_mode))
 
 
-ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", PROMPT_EMBEDS, PROMPT_MASK,
+ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", PROMPT_EMBEDS, PROMPT_MASK, AUDIO_LATENTS,
                       *(IMAGE_PREFIX + c for c in ("latents", "latents_mean", "latents_logvar")))
