@@ -15,9 +15,9 @@ import numpy as np
 
 from actors.ledger import ANSWER_TIMEOUT_S
 from pipeline import failures, hooks, sink, stats
-from pipeline.config import GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size, memory_format
-from pipeline.model import ModelInfo, local_model_dir
-from pipeline.schema import IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
+from pipeline.config import AUDIO_PLAN_FPS, GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size, memory_format
+from pipeline.model import ModelInfo, fetch_folder, local_model_dir
+from pipeline.schema import AUDIO, AUDIO_LATENTS, IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,23 @@ def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
                               use_safetensors=None if cfg.allow_pickle else True)
     if cfg.tiling:
         vae.enable_tiling()
-    if cfg.slicing:
+    if cfg.slicing or info.one_clip_per_call:
         vae.enable_slicing()
+    return vae.to(device or cfg.device).eval().requires_grad_(False)
+
+
+def load_audio_vae(cfg: Config, info: ModelInfo, device: str | None = None):
+    """LTX-2's audio VAE (``audio_vae/`` beside the video VAE), in float32 whatever --dtype: the
+    trainer encodes audio in float32 (process_videos.py:520, "needs float32 for quality"), and
+    the model is small beside the video VAE."""
+    import diffusers
+    import torch
+
+    audio = info.audio
+    folder = fetch_folder(info.source, audio.subfolder, audio.files, cfg.s3)
+    vae = getattr(diffusers, audio.class_name).from_pretrained(
+        folder, revision=info.revision, subfolder=audio.subfolder, torch_dtype=torch.float32,
+        use_safetensors=None if cfg.allow_pickle else True)
     return vae.to(device or cfg.device).eval().requires_grad_(False)
 
 
@@ -98,6 +113,13 @@ class VAEEncoder:
         except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
             self._report_systemic("loading the model", e)
             raise
+        self.audio = info.audio if cfg.audio_latents else None
+        if self.audio is not None:
+            try:
+                self.audio_vae = load_audio_vae(cfg, info, str(self.device))
+            except Exception as e:  # noqa: BLE001 - the model, not any input: the run must stop
+                self._report_systemic("loading the audio model", e)
+                raise
         self.channels_last = memory_format(cfg, self.device.type) == "channels_last_3d"
         if self.channels_last:
             for module in self.vae.modules():
@@ -193,6 +215,36 @@ class VAEEncoder:
             return {"latents": normalize(dist.sample(generator=gens))}
         return {"latents": normalize(dist.mode())}
 
+    def encode_audio(self, pcm: np.ndarray) -> np.ndarray:
+        """float32 PCM [B, 2, n] -> normalised audio latents [B, C, L, M] in the storage dtype:
+        the log-mel computed on the device (pipeline.audio.log_mel), the posterior's mode (the
+        trainer's, whatever --latent-mode), LTX2Pipeline._normalize_audio_latents."""
+        from pipeline import audio
+
+        torch = self.torch
+        with torch.inference_mode():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                x = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
+            z = self.audio_vae.encode(audio.log_mel(x, self.audio)).latent_dist.mode()
+            return audio.normalize(z.float(), self.audio_vae).to(self.latent_dtype).contiguous().cpu().numpy()
+
+    def _add_audio(self, batch: dict, encoded: dict) -> None:
+        """Each encoded clip's audio latents, beside its video's (clips of one length together)."""
+        pcm = batch[AUDIO]
+        kept = sorted(encoded)
+        for group in _same_shape_groups(pcm[kept] if len(kept) else pcm[:0]):
+            idx = [kept[j] for j in group]
+            clips = np.stack([pcm[i] for i in idx])
+            try:
+                out = self.encode_audio(clips)
+            except Exception as e:  # noqa: BLE001 - the model or the device, never a clip's sound
+                if not self._report_systemic("encoding audio", e, self.actor_id):
+                    os._exit(1)
+                raise failures.SystemicFailure(f"{type(e).__name__}: {e}") from e
+            for j, i in enumerate(idx):
+                encoded[i][0][AUDIO_LATENTS] = out[j]
+
     def _normalize_image(self, z):
         """As the family's image-to-video pipeline prepares its image latents: CogVideoX 1.5's
         (``invert_scale_latents``) divides by the scaling factor; the others normalise as video."""
@@ -240,7 +292,7 @@ class VAEEncoder:
         """Encode (a lone clip padded, see _encode_fitting), letting out-of-memory
         through; any other failure is systemic."""
         n = len(ids)
-        if pad and n == 1 and self.chunk > 1:
+        if pad and n == 1 and self.chunk > 1 and not getattr(self.vae, "use_slicing", False):
             clips, ids = np.concatenate([clips, clips]), [ids[0], ids[0]]
         try:
             return {k: v[:n] for k, v in self.encode(clips, ids).items()}
@@ -285,6 +337,8 @@ class VAEEncoder:
                 idx = group[start:start + self.chunk]
                 clips = frames[idx] if frames.dtype != object else np.stack([frames[i] for i in idx])
                 encoded.update(self._encode_fitting(clips, idx, clip_ids, uris, errors))
+        if self.audio is not None:
+            self._add_audio(batch, encoded)
         for i, (columns, _) in list(encoded.items()):
             if not all(np.isfinite(v).all() for v in columns.values()):
                 del encoded[i]
@@ -303,6 +357,8 @@ class VAEEncoder:
         shapes = {name: self.latent_shape for name in tensor_columns(self.cfg.latent_mode)}
         if self.cfg.image_latents:  # one latent frame
             shapes.update({name: (1, *self.latent_shape[1:]) for name in image_columns(self.cfg.latent_mode)})
+        if self.audio is not None:
+            shapes[AUDIO_LATENTS] = self.audio.latent_shape(self.cfg.num_frames, self.cfg.fps or AUDIO_PLAN_FPS)
         for name, shape in shapes.items():
             out[name] = _stack([encoded[i][0][name] for i in kept],
                                empty=np.zeros((0, *shape), dtype=self.cfg.latent_dtype))

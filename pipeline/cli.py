@@ -133,6 +133,10 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     text.add_argument("--image-latents", action="store_true",
                       help="add image_latents [1, C, h, w]: each clip's first frame encoded alone and "
                            "normalised as the family's image-to-video pipeline does")
+    text.add_argument("--audio-latents", action="store_true",
+                      help="LTX-2: add audio_latents [C, L, M]: each clip's audio span (num_frames / fps seconds) "
+                           "encoded by the model's audio_vae/ as the LTX-2 trainer prepares it; a video without "
+                           "audio gets an error row")
     p.add_argument("--extensions", type=_extensions, default=DEFAULT_EXTENSIONS,
                    help=f"comma-separated, any case (default {','.join(DEFAULT_EXTENSIONS)})")
     p.add_argument("--s3-endpoint", default=None,

@@ -72,6 +72,10 @@ class Config:
     # (pipeline.text.RECIPES: 0.25 for the T5 families, 0.5 for LTX-2 and the HunyuanVideos), set by
     # validate once the text encoder is known.
     text_gpus: float | None = None
+    # LTX-2: each clip's audio encoded by the model's audio_vae/ (pipeline.audio); the PCM rate is
+    # the audio VAE's, set by validate.
+    audio_latents: bool = False
+    audio_sample_rate: int | None = None
     image_latents: bool = False  # the first frame of each clip encoded alone, as image-to-video conditioning
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     s3_endpoint: str | None = None
@@ -157,6 +161,9 @@ TARGET_FILE_BYTES = 256 << 20
 ROW_GROUP_BYTES = 32 << 20
 
 
+AUDIO_PLAN_FPS = 24.0  # the frame rate an estimate of audio latents assumes without --fps
+
+
 def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
     """Bytes of tensors in one output row (the largest bucket's, with --buckets)."""
     sizes = cfg.buckets or ((cfg.height, cfg.width),)
@@ -165,6 +172,8 @@ def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
     most = max(math.prod(info.latent_shape(cfg.num_frames, h, w)) for h, w in sizes)
     if cfg.image_latents:  # one more latent frame per tensor
         most += max(math.prod(info.latent_shape(1, h, w)) for h, w in sizes)
+    if cfg.audio_latents and info.audio:  # its length follows each video's rate: at --fps, else AUDIO_PLAN_FPS
+        most += math.prod(info.audio.latent_shape(cfg.num_frames, cfg.fps or AUDIO_PLAN_FPS))
     text = info.text.bytes_per_row(itemsize) if cfg.text_embeddings and info.text else 0
     return most * itemsize * tensors + text
 
@@ -285,6 +294,14 @@ def validate(cfg: Config) -> tuple[Config, ModelInfo]:
             raise ConfigError(failures.first_line(e)) from None
         if cfg.text_gpus is None:
             cfg = cfg.replace(text_gpus=info.text.default_gpus)
+    if cfg.audio_latents:
+        from pipeline.audio import inspect_audio
+
+        try:
+            info = dataclasses.replace(info, audio=inspect_audio(cfg.model, cfg.s3))
+        except (ModelError, OSError) as e:
+            raise ConfigError(failures.first_line(e)) from None
+        cfg = cfg.replace(audio_sample_rate=info.audio.sample_rate)
     _check_output(cfg)
     return cfg.replace(subfolder=info.subfolder), info
 

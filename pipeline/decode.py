@@ -17,9 +17,10 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import failures, hooks, layout, sink, storage, text
+from pipeline.audio import clip_samples
 from pipeline.config import Config
 from pipeline.failures import InputError
-from pipeline.schema import CAPTION, INPUT, TRANSIENT
+from pipeline.schema import AUDIO, CAPTION, INPUT, TRANSIENT
 
 # swscale's bicubic widens its kernel when shrinking, so downscaling does not alias.
 INTERPOLATION = "BICUBIC"
@@ -28,6 +29,9 @@ INTERPOLATION = "BICUBIC"
 # retryable error row.
 TRANSIENT_RETRIES = 2
 TRANSIENT_BACKOFF_S = 2.0  # doubled at each retry
+
+
+AUDIO_START = "audio_start"  # a clip's first frame's time, read by _input_clips for its audio
 
 
 class InputRejected(InputError):
@@ -411,6 +415,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
             cfg = cfg.replace(height=height, width=width)
             frames = itertools.chain([first], frames)
     recent: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
+    times: deque[float | None] = deque(maxlen=cfg.num_frames)  # for --audio-latents: where a clip starts
     resizer = Resizer()
     first_frame = first_clip * cfg.stride
     clip_index, seen, offset = first_clip, 0, None
@@ -428,6 +433,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         wanted = not skip or any(clip_id(source_uri, offset + k * cfg.stride, cfg) not in skip
                                  for k in owners)
         recent.append(resizer(frame, cfg) if wanted else None)
+        times.append(frame.time)
         start = clip_index * cfg.stride
         if i == start + cfg.num_frames - 1:
             cid = clip_id(source_uri, offset + start, cfg)
@@ -442,6 +448,8 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
                 "width": cfg.width,
                 "frames": to_clip_layout(recent),
             }
+            if row is not None and cfg.audio_latents:
+                row[AUDIO_START] = times[0] if times[0] is not None else start / fps
             yield cid, row
             clip_index += 1
             if last_clip is not None and clip_index >= last_clip:
@@ -568,9 +576,12 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset,
                 container = av.open(source, mode="r")
             except Exception as e:  # noqa: BLE001 - re-raised with what it means
                 raise storage.read_failure(source) or _unreadable(e) from e
-            with container:
+            with container, _audio_track(container, path, cfg, span, part) as audio:
                 hooks.reach("decoding", uri)
                 for cid, clip in iter_clips(container, uri, cfg, skip, span, part, clock):
+                    if clip is not None and audio is not None:
+                        clip[AUDIO] = audio.take(clip.pop(AUDIO_START), clip_samples(
+                            cfg.num_frames, clip["fps"], cfg.audio_sample_rate))
                     if clip is not None and row.get("extra") is not None:  # a manifest's own columns
                         clip["extra"] = row["extra"]
                     if clip is not None and caption is not None:
@@ -584,6 +595,31 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset,
     failure = storage.read_failure(source)
     if failure is not None:
         raise failure
+
+
+@contextlib.contextmanager
+def _audio_track(container, path: str, cfg: Config, span, part):
+    """With --audio-latents, the input's audio (pipeline.audio.AudioSpans) read through a second
+    handle on the source, so that the video's decode keeps its own; checked before any clip is
+    cut: a video without audio fails whole."""
+    if not cfg.audio_latents:
+        yield None
+        return
+    import av
+
+    from pipeline.audio import AudioSpans, NoAudioStream
+
+    if not container.streams.audio:
+        raise NoAudioStream("--audio-latents: the video has no audio stream (the LTX-2 trainer writes no "
+                            "audio latents for such a video)")
+    source = storage.open_for_decode(path, cfg.s3)
+    try:
+        with av.open(source, mode="r") as second:
+            begin = part[2] if part is not None else span[0]
+            yield AudioSpans(second, cfg.audio_sample_rate, begin)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
 
 
 class Unreadable(InputRejected):

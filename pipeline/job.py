@@ -75,6 +75,7 @@ def identity(cfg: Config, info: ModelInfo) -> dict:
         "text dtype": text_dtype(cfg) if cfg.text_embeddings else None,
         "text encoder weights": info.text.encoder_weights if cfg.text_embeddings and info.text else None,
         "--image-latents": True if cfg.image_latents else None,
+        "--audio-latents": _digest(info.audio.identity()) if cfg.audio_latents and info.audio else None,
         "INPUT": _where(cfg.input),
         "--manifest": _where(cfg.manifest),
         "manifest columns": [list(c) for c in cfg.extra_columns] or None,

@@ -58,6 +58,11 @@ class ModelInfo:
     # be resolved): recorded in the job's identity, and what every actor loads.
     revision: str | None = None
     text: object = None  # pipeline.text.TextInfo with --text-embeddings
+    audio: object = None  # pipeline.audio.AudioInfo with --audio-latents
+    # The VAE encodes one clip per call (diffusers' slicing), whatever the batch: HunyuanVideo 1.5's
+    # mid-block attention builds its causal mask for a batch of one (diffusers 0.42.1,
+    # autoencoder_kl_hunyuanvideo15.py:150-154: a [B, S, S] mask against [B, 1, S, C] queries).
+    one_clip_per_call: bool = False
 
     @property
     def has_statistics(self) -> bool:
@@ -106,6 +111,22 @@ def _prod(values) -> int:
     return out
 
 
+def _ltx2_ratios(c: dict) -> dict:
+    """LTX-2's compression from its config: the ratios where the config names them, else from the
+    encoder's blocks as LTX2VideoEncoder3d builds them (the patch size, then a factor 2 per block
+    with spatio_temporal_scaling, in space or time as its downsample_type says). diffusers' own
+    fallback (patch_size * 2 ** sum(spatio_temporal_scaling), in both axes) does not count the
+    downsample types, and disagrees with the encoder's output for a config without the ratios."""
+    blocks = len(c["layers_per_block"]) - 1
+    scaling = c["spatio_temporal_scaling"]
+    scaling = (scaling,) * blocks if isinstance(scaling, bool) else scaling
+    kinds = [kind for kind, on in zip(c["downsample_type"], scaling) if on]
+    spatial = int(c["patch_size"]) * 2 ** sum(k in ("spatial", "spatiotemporal", "conv") for k in kinds)
+    temporal = int(c["patch_size_t"]) * 2 ** sum(k in ("temporal", "spatiotemporal", "conv") for k in kinds)
+    return {"spatial_ratio": int(c.get("spatial_compression_ratio") or spatial),
+            "temporal_ratio": int(c.get("temporal_compression_ratio") or temporal)}
+
+
 # class name -> its compression ratios, channels and normalisation statistics, read from its
 # config the way diffusers' own pipelines for that family read them.
 FAMILIES = {
@@ -129,6 +150,17 @@ FAMILIES = {
                               or c["patch_size_t"] * 2 ** sum(c["spatio_temporal_scaling"])),
         "spatial_ratio": int(c.get("spatial_compression_ratio")
                              or c["patch_size"] * 2 ** sum(c["spatio_temporal_scaling"])),
+        "latent_channels": int(c["latent_channels"]),
+        "stats_in_weights": True,
+    },
+    "AutoencoderKLHunyuanVideo15": lambda c: {  # HunyuanVideo15Pipeline: z * scaling_factor
+        "temporal_ratio": int(c["temporal_compression_ratio"]),
+        "spatial_ratio": int(c["spatial_compression_ratio"]),
+        "latent_channels": int(c["latent_channels"]),
+        "one_clip_per_call": True,
+    },
+    "AutoencoderKLLTX2Video": lambda c: {  # LTX2Pipeline._normalize_latents, stats in the weights
+        **_ltx2_ratios(c),
         "latent_channels": int(c["latent_channels"]),
         "stats_in_weights": True,
     },

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline import layout, storage
-from pipeline.schema import ALL_TENSOR_COLUMNS, METADATA_KEY
+from pipeline.schema import ALL_TENSOR_COLUMNS, AUDIO_LATENTS, METADATA_KEY
 
 
 def summarize(output: str, s3_endpoint: str | None = None) -> dict:
@@ -30,7 +31,10 @@ def summarize(output: str, s3_endpoint: str | None = None) -> dict:
         videos_by_clips = Counter(per_video.values())
         out.update(clips=latents.count_rows(), files=len(latents.files), videos_with_clips=len(per_video),
                    clips_per_video=[[k, videos_by_clips[k]] for k in sorted(videos_by_clips)],
-                   tensors={k: {"shape": list(t.shape), "dtype": str(t.value_type)} for k, t in tensors.items()},
+                   tensors={k: {"shape": list(t.shape), "dtype": str(t.value_type),
+                                "layout": (meta.get(k) or {}).get("layout") if k == AUDIO_LATENTS else meta.get("layout")}
+                            for k, t in tensors.items()},
+                   bytes_per_clip=sum(math.prod(t.shape) * t.value_type.bit_width // 8 for t in tensors.values()),
                    model=meta.get("model"), vae_class=meta.get("vae_class"),
                    latent_mode=meta.get("latent_mode"), layout=meta.get("layout"),
                    scaling_factor=meta.get("scaling_factor"), versions=meta.get("versions"))
@@ -71,7 +75,9 @@ def inspect_command(output: str, s3_endpoint: str | None, as_json: bool) -> int:
           + (f", from {summary.get('videos_with_clips')} of {summary.get('videos')} videos"
              if summary.get("videos") is not None else ""))
     for name, t in summary.get("tensors", {}).items():
-        print(f"  {name:<10} {t['dtype']} {t['shape']} ({summary.get('layout')})")
+        print(f"  {name:<10} {t['dtype']} {t['shape']} ({t.get('layout') or summary.get('layout')})")
+    if summary.get("bytes_per_clip"):
+        print(f"  per clip   {summary['bytes_per_clip']} bytes of tensors")
     if summary.get("vae_class"):
         print(f"  model      {summary['model']} ({summary['vae_class']}, {summary['latent_mode']}, "
               f"scaling_factor {summary['scaling_factor']})")

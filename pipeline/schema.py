@@ -63,6 +63,8 @@ POOLED_EMBEDS = "pooled_prompt_embeds"
 PROMPT_EMBEDS_2, PROMPT_MASK_2 = "prompt_embeds_2", "prompt_attention_mask_2"
 AUDIO_PROMPT_EMBEDS = "audio_prompt_embeds"
 TEXT_COLUMNS = (PROMPT_EMBEDS, PROMPT_MASK, POOLED_EMBEDS, PROMPT_EMBEDS_2, PROMPT_MASK_2, AUDIO_PROMPT_EMBEDS)
+AUDIO = "audio"  # --audio-latents: a clip's PCM, float32 [2, n] at the audio VAE's rate (decode -> encoder)
+AUDIO_LATENTS = "audio_latents"  # [C, L, M] (pipeline.audio)
 IMAGE_PREFIX = "image_"  # --image-latents: image_latents (or image_latents_mean/_logvar in dist mode)
 
 
@@ -70,5 +72,5 @@ def image_columns(latent_mode: str) -> tuple[str, ...]:
     return tuple(IMAGE_PREFIX + name for name in tensor_columns(latent_mode))
 
 
-ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", *TEXT_COLUMNS,
+ALL_TENSOR_COLUMNS = ("latents", "latents_mean", "latents_logvar", *TEXT_COLUMNS, AUDIO_LATENTS,
                       *(IMAGE_PREFIX + c for c in ("latents", "latents_mean", "latents_logvar")))

@@ -16,8 +16,8 @@ from pipeline import hooks, layout, storage
 from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
 from pipeline.text import text_dtype
-from pipeline.schema import (CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
-                             METADATA_KEY, STAGES, TEXT_COLUMNS, image_columns, tensor_columns)
+from pipeline.schema import (AUDIO_LATENTS, CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT,
+                             MARKER_SCHEMA, METADATA_KEY, STAGES, TEXT_COLUMNS, image_columns, tensor_columns)
 
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 
@@ -44,6 +44,9 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
         "seed": cfg.seed if cfg.latent_mode == "sample" else None,
         "layout": LAYOUT,
         "latent_shape": list(info.latent_shape(cfg.num_frames, cfg.height, cfg.width)),
+        # The VAE's own patchification (LTX-Video, LTX-2, Wan 2.2): part of its spatial ratio, not
+        # the transformer's packing, which trainers apply to these latents as they are.
+        "vae_patch_size": {k: info.config[k] for k in ("patch_size", "patch_size_t") if k in info.config} or None,
         "latent_dtype": cfg.latent_dtype,
         "compute_dtype": cfg.dtype,
         "resize": cfg.resize,
@@ -52,6 +55,7 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
         "versions": _versions(),
         **({"text_encoder": info.text.metadata(text_dtype(cfg))} if cfg.text_embeddings and info.text else {}),
         **({"image_latents": image_latents_metadata(info)} if cfg.image_latents else {}),
+        **({"audio_latents": info.audio.metadata(cfg.num_frames, cfg.fps)} if cfg.audio_latents and info.audio else {}),
     }, sort_keys=True)
 
 
@@ -105,7 +109,7 @@ def _extra_arrays(batch: dict, cfg: Config):
 
 def output_tensor_columns(cfg: Config, batch: dict) -> tuple[str, ...]:
     """The tensor columns a row of this job carries, in the order they are written."""
-    extra = (*TEXT_COLUMNS, *image_columns(cfg.latent_mode))
+    extra = (*TEXT_COLUMNS, *image_columns(cfg.latent_mode), AUDIO_LATENTS)
     return tensor_columns(cfg.latent_mode) + tuple(c for c in extra if c in batch)
 
 
@@ -133,13 +137,13 @@ def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
 def _by_latent_shape(batch: dict, cfg: Config) -> list[dict]:
     """Split a batch into sub-batches of one latent shape each (one unless --buckets), with the
     tensor columns stacked into [N, T, C, h, w] arrays."""
-    first = batch[tensor_columns(cfg.latent_mode)[0]]
-    if first.dtype != object:
+    keyed = [batch[name] for name in (tensor_columns(cfg.latent_mode)[0], AUDIO_LATENTS) if name in batch]
+    if all(column.dtype != object for column in keyed):
         return [batch]
     tensors = output_tensor_columns(cfg, batch)
     groups: dict[tuple, list[int]] = {}
-    for i, value in enumerate(first):
-        groups.setdefault(np.asarray(value).shape, []).append(i)
+    for i in range(len(batch["clip_id"])):  # audio latents' length follows each video's frame rate
+        groups.setdefault(tuple(np.asarray(column[i]).shape for column in keyed), []).append(i)
     parts = []
     for idx in groups.values():
         part = {}
@@ -159,6 +163,8 @@ def write_latents(batch: dict, cfg: Config, metadata_json: str) -> dict:
         meta = json.loads(metadata_json)
         if "latent_shape" in meta:  # per file: with --buckets, files differ
             meta["latent_shape"] = list(part[tensor_columns(cfg.latent_mode)[0]].shape[1:])
+        if "audio_latents" in meta and AUDIO_LATENTS in part:
+            meta["audio_latents"]["latent_shape"] = list(part[AUDIO_LATENTS].shape[1:])
         table = latents_table(part, cfg, json.dumps(meta, sort_keys=True))
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         hooks.reach("write")

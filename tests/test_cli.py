@@ -145,7 +145,8 @@ def test_inspect_summarises_an_output(tmp_path, capsys):
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     summary = _json.loads(capsys.readouterr().out)
     assert summary["clips"] == 6 and summary["files"] == 2 and summary["complete"]
-    assert summary["tensors"]["latents"] == {"shape": [3, 4, 8, 8], "dtype": "halffloat"}
+    assert {k: summary["tensors"]["latents"][k] for k in ("shape", "dtype")} == {"shape": [3, 4, 8, 8], "dtype": "halffloat"}
+    assert summary["bytes_per_clip"] == 3 * 4 * 8 * 8 * 2
     assert summary["errors_by_type"] == {"sample/TooShort": 1, "decode/InvalidDataError": 1, "read/OSError": 1}
     assert summary["errors_by_class"]["input"]["rows"] == 2
     assert summary["errors_by_class"]["transient"] == {"rows": 1, "retryable": True, "by_type": {"read/OSError": 1}}

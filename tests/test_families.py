@@ -49,6 +49,18 @@ TINY = {
              patch_size=1, patch_size_t=1, scaling_factor=0.9), 9,
         lambda z, vae: (z - vae.latents_mean.view(1, -1, 1, 1, 1)) * vae.config.scaling_factor
         / vae.latents_std.view(1, -1, 1, 1, 1)),
+    "AutoencoderKLHunyuanVideo15": (  # pipeline_hunyuan_video1_5_image2video.py:386-387 (diffusers 0.42.1):
+        # retrieve_latents(vae.encode(x), sample_mode="argmax") * vae.config.scaling_factor; decoded at :825
+        dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, spatial_compression_ratio=8,
+             temporal_compression_ratio=4, scaling_factor=0.8), 9,
+        lambda z, vae: z * vae.config.scaling_factor),
+    "AutoencoderKLLTX2Video": (  # pipeline_ltx2.py:687-694 LTX2Pipeline._normalize_latents, the model's buffers;
+        # no ratios in the config: they follow from the blocks' downsample types (16x space, 8x time here)
+        dict(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 16, 32),
+             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=2,
+             scaling_factor=0.9), 9,
+        lambda z, vae: (z - vae.latents_mean.view(1, -1, 1, 1, 1)) * vae.config.scaling_factor
+        / vae.latents_std.view(1, -1, 1, 1, 1)),
     "AutoencoderKLMochi": (  # inverse of pipeline_mochi's z * std / scaling_factor + mean
         dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
              layers_per_block=(1, 1, 1, 1, 1), latents_mean=_stats(12, -0.5), latents_std=_stats(12, 0.6),
@@ -65,7 +77,7 @@ def test_every_family_in_the_registry_is_tested():
 def _save(class_name, config, folder) -> str:
     torch.manual_seed(0)
     vae = getattr(diffusers, class_name)(**config)
-    if class_name == "AutoencoderKLLTXVideo":  # non-trivial stats, carried in the weights
+    if class_name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video"):  # non-trivial stats, carried in the weights
         vae.latents_mean.copy_(torch.linspace(-0.3, 0.3, vae.latents_mean.numel()))
         vae.latents_std.copy_(torch.linspace(0.7, 1.4, vae.latents_std.numel()))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -106,3 +118,23 @@ def test_family_matches_diffusers_and_records_its_normalisation(class_name, tmp_
         assert meta["latents_mean"] == pytest.approx(config["latents_mean"])
     if class_name == "AutoencoderKLCogVideoX":
         assert meta["invert_scale_latents"] is True
+    if class_name == "AutoencoderKLLTX2Video":
+        assert meta["vae_patch_size"] == {"patch_size": 2, "patch_size_t": 1}
+
+
+def test_hunyuan_video_15_encodes_a_batch_clip_by_clip(tmp_path):
+    """diffusers 0.42.1's AutoencoderKLHunyuanVideo15 fails on a batch of two (its attention mask
+    is built for one video): the actor encodes its clips one per call, and each clip's latents are
+    those it has alone."""
+    config, num_frames, _ = TINY["AutoencoderKLHunyuanVideo15"]
+    model = _save("AutoencoderKLHunyuanVideo15", config, str(tmp_path / "m"))
+    info = inspect_model(model)
+    cfg = Config(input=str(tmp_path), output=str(tmp_path / "out"), model=model, num_frames=num_frames,
+                 height=SIZE, width=SIZE, device="cpu", dtype="float32", latent_dtype="float32",
+                 num_actors=(1, 1), batch_size=2)
+    encoder = VAEEncoder(cfg, info)
+    a = samples.synthetic_frames(num_frames, SIZE, SIZE).transpose(3, 0, 1, 2)
+    b = np.ascontiguousarray(a[:, ::-1])
+    both = encoder.encode(np.stack([a, b]), ["a", "b"])["latents"]
+    alone = encoder.encode(b[None], ["b"])["latents"][0]
+    np.testing.assert_allclose(both[1], alone, rtol=1e-5, atol=1e-6)

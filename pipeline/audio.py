@@ -1,0 +1,235 @@
+"""LTX-2's audio latents (--audio-latents): each clip's sound, as the LTX-2 trainer prepares it.
+
+CPU side: the clip's span of the audio stream is decoded with PyAV, resampled to the audio VAE's
+``sample_rate`` and mixed to its channels, and crosses the object store as float32 PCM [2, n].
+Device side (``log_mel``, run by the encoder actor): the log-mel spectrogram, computed as the
+trainer's ``AudioProcessor`` does with torchaudio (Lightricks/LTX-2 @400fd31,
+packages/ltx-core/src/ltx_core/model/audio_vae/ops.py:7-55), written here in torch alone (no
+torchaudio build exists for our torch); the latents are then normalised as
+``LTX2Pipeline._normalize_audio_latents`` does (diffusers 0.42.1, pipeline_ltx2.py:706-710).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.failures import InputError
+
+AUDIO_SUBFOLDER = "audio_vae"
+AUDIO_CLASSES = ("AutoencoderKLLTX2Audio",)
+# The STFT size is not in diffusers' config; the trainer's default (ltx_core
+# model_configurator.py:158, ``filter_length`` 1024), as diffusers' Echo encoder uses it too.
+N_FFT = 1024
+LOG_FLOOR = 1e-5  # ops.py:53: log(clamp(mel, min=1e-5))
+LAYOUT = "CLM"  # channels, latent time, latent mel bins: the trainer's saved layout
+
+
+class NoAudioStream(InputError):
+    """--audio-latents, and the video has no audio stream. The LTX-2 trainer writes no audio
+    latents for such a video (process_videos.py:596-599) and trains on both, so no silence is
+    made up for it: the input gets an error row."""
+
+    stage = "decode"
+
+
+def clip_samples(num_frames: int, fps: float, rate: int) -> int:
+    """PCM samples of a clip: its duration, num_frames / fps, as the trainer cuts it
+    (process_videos.py:170-172, 205: int(duration * rate), padded with zeros past the end)."""
+    return int(num_frames / fps * rate)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    class_name: str
+    subfolder: str
+    sample_rate: int
+    hop_length: int
+    mel_bins: int
+    in_channels: int
+    latent_channels: int
+    downsamples: int  # stride-2 stages in time and in mel bins
+    causality_axis: str
+    config: dict
+    files: tuple = ()
+
+    def num_samples(self, num_frames: int, fps: float) -> int:
+        return clip_samples(num_frames, fps, self.sample_rate)
+
+    def latent_shape(self, num_frames: int, fps: float) -> tuple[int, int, int]:
+        """[C, L, M] of one clip's audio latents: mel frames n // hop + 1 (a centred STFT), then
+        each of the encoder's stride-2 convolutions after its causal padding (LTX2AudioDownsample:
+        2 rows before in time for "height", else 1 after)."""
+        time = self.num_samples(num_frames, fps) // self.hop_length + 1
+        mel = self.mel_bins
+        time_pad, mel_pad = {"height": (2, 1), "width": (1, 2)}.get(self.causality_axis, (1, 1))
+        for _ in range(self.downsamples):
+            time = (time + time_pad - 3) // 2 + 1
+            mel = (mel + mel_pad - 3) // 2 + 1
+        return self.latent_channels, time, mel
+
+    def identity(self) -> dict:
+        return {"class": self.class_name, "config": self.config, "files": list(self.files), "n_fft": N_FFT}
+
+    def metadata(self, num_frames: int, fps: float | None) -> dict:
+        return {"vae_class": self.class_name, "subfolder": self.subfolder, "layout": LAYOUT,
+                "latent_shape": list(self.latent_shape(num_frames, fps)) if fps else None,
+                "sample_rate": self.sample_rate, "mel_hop_length": self.hop_length, "mel_bins": self.mel_bins,
+                "n_fft": N_FFT, "mel": "log(clamp(MelSpectrogram(power=1, slaney, centred, reflect), 1e-5))",
+                "normalization": "(z - latents_mean) / latents_std per (channel, mel bin): "
+                                 "LTX2Pipeline._normalize_audio_latents on the packed latents",
+                "span": "num_frames / fps seconds from the clip's first frame's time"}
+
+
+def inspect_audio(source: str, endpoint=None) -> AudioInfo:
+    """The audio VAE beside the video VAE (``audio_vae/`` of a diffusers LTX-2 folder)."""
+    from pipeline.model import ModelError, _read_config_file, folder_files
+
+    config = _read_config_file(source, AUDIO_SUBFOLDER, endpoint)
+    if config is None:
+        raise ModelError(f"--audio-latents: no {AUDIO_SUBFOLDER}/config.json in {source}")
+    name = config.get("_class_name", "")
+    if name not in AUDIO_CLASSES:
+        raise ModelError(f"--audio-latents: {name or 'unknown class'} is not a supported audio VAE "
+                         f"(supported: {', '.join(AUDIO_CLASSES)})")
+    return AudioInfo(class_name=name, subfolder=AUDIO_SUBFOLDER, sample_rate=int(config["sample_rate"]),
+                     hop_length=int(config["mel_hop_length"]), mel_bins=int(config["mel_bins"]),
+                     in_channels=int(config["in_channels"]), latent_channels=int(config["latent_channels"]),
+                     downsamples=len(config["ch_mult"]) - 1, causality_axis=str(config["causality_axis"]),
+                     config=config, files=folder_files(source, AUDIO_SUBFOLDER, endpoint))
+
+
+def to_stereo(pcm: np.ndarray) -> np.ndarray:
+    """[channels, n] -> [2, n], as the trainer mixes (process_videos.py:866-895): mono doubled,
+    5.1 and 7.1 folded down with its weights, any other layout averaged and doubled."""
+    channels = pcm.shape[0]
+    if channels == 2:
+        return pcm
+    if channels == 1:
+        return np.repeat(pcm, 2, axis=0)
+    if channels in (6, 8):
+        total = 2.414 if channels == 6 else 3.121
+        main, other = 1.0 / total, 0.707 / total
+        back = (pcm[6], pcm[7]) if channels == 8 else (0.0, 0.0)
+        left = main * pcm[0] + other * (pcm[2] + pcm[4] + back[0])
+        right = main * pcm[1] + other * (pcm[2] + pcm[5] + back[1])
+        return np.stack([left, right]).astype(np.float32)
+    return np.repeat(pcm.mean(axis=0, keepdims=True), 2, axis=0)
+
+
+class AudioSpans:
+    """A video's audio stream, decoded forward once, resampled to ``rate`` (float32 planar), its
+    spans handed out in order: memory holds one span, never the whole track. Spans start at
+    non-decreasing times (clips come in order); sample k of the track is at t0 + k / rate, t0
+    being its first decoded frame's time. Samples before the track starts or after it ends are
+    zeros, as the trainer pads."""
+
+    def __init__(self, container, rate: int, begin: float | None = None):
+        import av
+
+        if not container.streams.audio:
+            raise NoAudioStream("--audio-latents: the video has no audio stream")
+        self.stream = container.streams.audio[0]
+        if begin:  # a part or a span of a long video: start a second early, then cut by time
+            container.seek(int(max(0.0, begin - 1.0) / self.stream.time_base), stream=self.stream, backward=True)
+        self.rate = rate
+        self.resampler = av.AudioResampler(format="fltp", rate=rate)
+        self.frames = self._decoded(container)
+        self.t0: float | None = None
+        self.start = 0  # index of the first buffered sample
+        self.chunks: list[np.ndarray] = []
+        self.ended = False
+
+    def _decoded(self, container):
+        for frame in container.decode(self.stream):
+            if self.t0 is None and frame.time is not None:
+                self.t0 = frame.time
+            for out in self.resampler.resample(frame):
+                yield out.to_ndarray()
+        for out in self.resampler.resample(None):
+            yield out.to_ndarray()
+
+    def _buffered(self) -> int:
+        return self.start + sum(c.shape[1] for c in self.chunks)
+
+    def take(self, t: float, n: int) -> np.ndarray:
+        """[2, n] float32: the n samples from time t on."""
+        while not self.ended and (self.t0 is None or self._buffered() < self._index(t) + n):
+            chunk = next(self.frames, None)
+            if chunk is None:
+                self.ended = True
+            else:
+                self.chunks.append(np.asarray(chunk, dtype=np.float32))
+        first = self._index(t) if self.t0 is not None else 0
+        have = np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((1, 0), np.float32)
+        out = np.zeros((have.shape[0] or 1, n), dtype=np.float32)
+        lo, hi = max(first, self.start), min(first + n, self.start + have.shape[1])
+        if hi > lo:
+            out[:, lo - first:hi - first] = have[:, lo - self.start:hi - self.start]
+        drop = max(0, first - self.start)  # later spans start at or after t
+        self.chunks, self.start = ([have[:, drop:]] if have.shape[1] > drop else []), self.start + drop
+        return np.ascontiguousarray(to_stereo(out), dtype=np.float32)
+
+    def _index(self, t: float) -> int:
+        return round((t - self.t0) * self.rate)
+
+
+def log_mel(waveform, info: AudioInfo):
+    """float32 [B, 2, n] -> [B, 2, T, mel_bins] on the waveform's device: torchaudio's
+    MelSpectrogram as the trainer configures it (ops.py:20-33: n_fft, a periodic Hann window of
+    n_fft, hop mel_hop_length, centred with reflection, power 1, f 0..rate/2, slaney scale and
+    norm), then log(clamp(., 1e-5)) and [.., time, mel] (ops.py:52-55). The filter bank is
+    torchaudio.functional.melscale_fbanks (pytorch/audio functional.py)."""
+    import torch
+
+    batch, channels, n = waveform.shape
+    window = torch.hann_window(N_FFT, device=waveform.device)
+    spec = torch.stft(waveform.reshape(-1, n).float(), n_fft=N_FFT, hop_length=info.hop_length, win_length=N_FFT,
+                      window=window, center=True, pad_mode="reflect", normalized=False, onesided=True,
+                      return_complex=True).abs()  # [B*2, freqs, T]
+    fb = mel_filterbank(N_FFT // 2 + 1, info.sample_rate, info.mel_bins).to(waveform.device)
+    mel = torch.matmul(spec.transpose(-1, -2), fb)  # [B*2, T, mel]
+    return torch.log(torch.clamp(mel, min=LOG_FLOOR)).reshape(batch, channels, *mel.shape[-2:])
+
+
+def _hz_to_mel(freq: float) -> float:
+    """Slaney's mel scale (torchaudio's _hz_to_mel, mel_scale="slaney")."""
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    if freq < min_log_hz:
+        return freq / f_sp
+    return min_log_hz / f_sp + math.log(freq / min_log_hz) / (math.log(6.4) / 27.0)
+
+
+def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int):
+    """[n_freqs, n_mels]: torchaudio.functional.melscale_fbanks(n_freqs, 0, sample_rate / 2,
+    n_mels, sample_rate, norm="slaney", mel_scale="slaney")."""
+    import torch
+
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs)
+    m_pts = torch.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2)
+    f_pts = f_sp * m_pts
+    log_t = m_pts >= min_log_mel
+    f_pts[log_t] = min_log_hz * torch.exp(logstep * (m_pts[log_t] - min_log_mel))
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)
+    down, up = (-1.0 * slopes[:, :-2]) / f_diff[:-1], slopes[:, 2:] / f_diff[1:]
+    fb = torch.max(torch.zeros(1), torch.min(down, up))
+    return fb * (2.0 / (f_pts[2:n_mels + 2] - f_pts[:n_mels])).unsqueeze(0)
+
+
+def normalize(z, vae):
+    """LTX2Pipeline._normalize_audio_latents on the packed [B, L, C*M] latents, written on the
+    unpacked [B, C, L, M] ones: the statistics are per (channel, mel bin), in packing order."""
+    b, c, length, m = z.shape
+    mean = vae.latents_mean.to(z.device, z.dtype).view(1, c, 1, m)
+    std = vae.latents_std.to(z.device, z.dtype).view(1, c, 1, m)
+    return (z - mean) / std
+
+
+def denormalize(z, vae):
+    b, c, length, m = z.shape
+    return z * vae.latents_std.to(z.device, z.dtype).view(1, c, 1, m) \
+        + vae.latents_mean.to(z.device, z.dtype).view(1, c, 1, m)

@@ -1,0 +1,165 @@
+"""LTX-2's audio latents (--audio-latents) against the LTX-2 trainer's and pipeline's audio path, on
+a tone written into the test video with PyAV, with tiny random-weight diffusers models."""
+import glob
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import diffusers
+from actors.encoder import VAEEncoder
+from pipeline import decode, samples
+from pipeline.config import Config, validate
+from pipeline.schema import AUDIO_LATENTS
+
+RATE, HOP, MELS, FPS, FRAMES, SIZE = 16000, 160, 16, 24, 9, 64
+TONE_HZ = 437.0
+
+
+def _model(folder: str) -> str:
+    torch.manual_seed(0)
+    video = diffusers.AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 16, 32),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=2)
+    video.save_pretrained(os.path.join(folder, "vae"))
+    # The statistics are per packed feature, channels x latent mel bins (2 x 4 = base_channels).
+    audio = diffusers.AutoencoderKLLTX2Audio(base_channels=8, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=2,
+                                             mel_bins=MELS, sample_rate=RATE, mel_hop_length=HOP)
+    audio.latents_mean.copy_(torch.linspace(-0.2, 0.3, 8))
+    audio.latents_std.copy_(torch.linspace(0.6, 1.5, 8))
+    audio.save_pretrained(os.path.join(folder, "audio_vae"))
+    return folder
+
+
+def _video_with_tone(path: str, frames: int, tone: np.ndarray | None) -> str:
+    """An MKV: H.264 frames and, when given, the mono tone as float PCM (lossless) at RATE."""
+    import av
+
+    pixels = samples.synthetic_frames(frames, SIZE, SIZE)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        sound = None
+        if tone is not None:
+            sound = container.add_stream("pcm_f32le", rate=RATE)
+            sound.layout = "mono"
+        for image in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if sound is not None:
+            for start in range(0, tone.shape[0], 1024):
+                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="flt", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = RATE, start, Fraction(1, RATE)
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path
+
+
+def _slaney_fbank(n_freqs: int, rate: int, n_mels: int) -> np.ndarray:
+    """torchaudio.functional.melscale_fbanks(..., norm="slaney", mel_scale="slaney"), in numpy
+    (pytorch/audio src/torchaudio/functional/functional.py: _hz_to_mel, _mel_to_hz,
+    _create_triangular_filterbank, melscale_fbanks)."""
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+
+    def to_mel(f):
+        return f / f_sp if f < min_log_hz else min_log_mel + math.log(f / min_log_hz) / logstep
+
+    mels = np.linspace(to_mel(0.0), to_mel(rate / 2.0), n_mels + 2, dtype=np.float32).astype(np.float64)
+    hz = np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+    freqs = np.linspace(0, rate // 2, n_freqs)
+    slopes = hz[None, :] - freqs[:, None]
+    diff = np.diff(hz)
+    fb = np.maximum(0.0, np.minimum(-slopes[:, :-2] / diff[:-1], slopes[:, 2:] / diff[1:]))
+    return fb * (2.0 / (hz[2:n_mels + 2] - hz[:n_mels]))[None, :]
+
+
+def _trainer_mel(pcm: np.ndarray) -> np.ndarray:
+    """[2, n] -> [1, 2, T, mel]: the trainer's AudioProcessor.waveform_to_mel (Lightricks/LTX-2 @400fd31,
+    packages/ltx-core/src/ltx_core/model/audio_vae/ops.py:20-55; n_fft 1024 from
+    model_configurator.py:158), as a numpy STFT: centred, reflect-padded, periodic Hann, power 1."""
+    n_fft = 1024
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    padded = np.pad(pcm.astype(np.float64), ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+    frames = pcm.shape[1] // HOP + 1
+    idx = np.arange(n_fft)[None, :] + HOP * np.arange(frames)[:, None]
+    spec = np.abs(np.fft.rfft(padded[:, idx] * window, axis=-1))  # [2, T, freqs]
+    mel = spec @ _slaney_fbank(n_fft // 2 + 1, RATE, MELS)
+    return np.log(np.maximum(mel, 1e-5))[None].astype(np.float32)
+
+
+def _reference(model: str, pcm: np.ndarray) -> np.ndarray:
+    """The trainer's audio path (process_videos.py:866-905: mono doubled, mel, encode) and
+    LTX2Pipeline's normalisation (diffusers 0.42.1 pipeline_ltx2.py:706-710, on latents packed
+    and unpacked by its own _pack/_unpack_audio_latents): [C, L, M]."""
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+
+    vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(model, subfolder="audio_vae").eval()
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(_trainer_mel(np.repeat(pcm, 2, axis=0)))).latent_dist.mode()
+    packed = LTX2Pipeline._normalize_audio_latents(LTX2Pipeline._pack_audio_latents(z), vae.latents_mean,
+                                                   vae.latents_std)
+    return LTX2Pipeline._unpack_audio_latents(packed, z.shape[2], z.shape[3])[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def ltx2(tmp_path_factory):
+    return _model(str(tmp_path_factory.mktemp("ltx2")))
+
+
+def _cfg(tmp_path, model, **kw) -> Config:
+    return Config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model, num_frames=FRAMES,
+                  height=SIZE, width=SIZE, device="cpu", dtype="float32", latent_dtype="float32", num_actors=(1, 1),
+                  audio_latents=True, **kw)
+
+
+def test_audio_latents_match_the_trainer_and_pipeline_on_a_tone(ltx2, tmp_path):
+    os.makedirs(tmp_path / "in")
+    seconds = 2 * FRAMES / FPS
+    t = np.arange(int(seconds * RATE) + 400) / RATE  # a rising tone: each clip's span sounds different
+    tone = ((0.1 + 0.4 * t / seconds) * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    path = _video_with_tone(str(tmp_path / "in" / "tone.mkv"), 2 * FRAMES, tone)
+    cfg, info = validate(_cfg(tmp_path, ltx2))
+    assert cfg.audio_sample_rate == RATE
+    clips = list(decode.decode_clips({"source_uri": path, "size": os.path.getsize(path)}, cfg))
+    assert len(clips) == 2 and clips[0]["audio"].dtype == np.float32
+    n = int(FRAMES / FPS * RATE)
+    assert clips[0]["audio"].shape == (2, n)  # PCM at the VAE's rate crosses, not the mel
+    batch = {k: np.stack([c[k] for c in clips]) if k in ("frames", "audio") else np.array([c[k] for c in clips])
+             for k in clips[0]}
+    got = VAEEncoder(cfg, info)(batch)[AUDIO_LATENTS]
+    for k, clip in enumerate(clips):
+        start = round(k * FRAMES / FPS * RATE)  # each clip's span starts at its first frame's time
+        expected = _reference(ltx2, tone[None, start:start + n])
+        assert got[k].shape == expected.shape == info.audio.latent_shape(FRAMES, FPS)
+        rel = np.linalg.norm(got[k] - expected) / np.linalg.norm(expected)
+        assert rel <= 1e-4, rel
+
+
+def test_a_video_without_audio_gets_an_input_error_row(ltx2, tmp_path):
+    os.makedirs(tmp_path / "in")
+    path = _video_with_tone(str(tmp_path / "in" / "silent.mkv"), FRAMES, None)
+    cfg, _ = validate(_cfg(tmp_path, ltx2))
+    assert list(decode.decode_clips({"source_uri": path, "size": os.path.getsize(path)}, cfg)) == []
+    (error,) = [pq.read_table(f).to_pylist()[0] for f in glob.glob(str(tmp_path / "out" / "**" / "*.parquet"),
+                                                                   recursive=True) if "error" in f]
+    assert (error["error_type"], error["error_class"]) == ("NoAudioStream", "input")
+
+
+def test_audio_latents_are_part_of_the_jobs_identity(ltx2, tmp_path):
+    from pipeline import job
+
+    os.makedirs(tmp_path / "in")
+    with_audio = job.identity(*validate(_cfg(tmp_path, ltx2)))
+    without = job.identity(*validate(_cfg(tmp_path, ltx2).replace(audio_latents=False)))
+    assert with_audio["--audio-latents"] and without["--audio-latents"] is None
