@@ -119,6 +119,9 @@ def test_a_second_run_into_a_running_output_exits_2_naming_it_and_changes_nothin
     assert output.read(lease.NAME) is None  # given back
 
 
+# Local only: the S3 lease's conditional replace is the same code as in the two-takers test below,
+# which runs on both stores; this end-to-end run costs a Ray start.
+@pytest.mark.parametrize("output", ["local"], indirect=True)
 def test_a_run_whose_lease_was_taken_over_does_not_mark_output_complete_and_a_stale_lease_is_taken_over(
         ray_local, one_video, tiny_vae, output, capsys):
     first, hooks = _blocked_first_run(one_video, tiny_vae, output)
