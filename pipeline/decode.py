@@ -477,17 +477,26 @@ def shot_block(cfg: Config) -> int:
 
 def shot_lengths(container, cfg: Config, clock: DecodeClock | None = None) -> list[int]:
     """The shots of a whole video as ``--split-scenes`` cuts them (cuts, and a shot start at each
-    multiple of ``shot_block``), in frames, without resizing any frame: for ``plan``."""
+    multiple of ``shot_block``), in frames: for ``plan``, which cuts no clip."""
     _check_container(container, cfg)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     frames = _decoded(container, stream, cfg, (None, None), clock or DecodeClock(cfg.decode_timeout))
     if cfg.fps:
         frames = resample(frames, cfg.fps)
+    if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed, as iter_clips does
+        first = next(frames, None)
+        if first is not None:
+            turns = quarter_turns(first)
+            shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
+            height, width = choose_bucket(*shown, cfg.buckets)
+            cfg = cfg.replace(height=height, width=width)
+            frames = itertools.chain([first], frames)
     detector, block, starts, seen = scenes.ShotDetector(cfg.scene_threshold, cfg.min_shot_frames), shot_block(cfg), [], 0
-    for i, frame in enumerate(frames):
+    resizer = Resizer()
+    for i, _frame, cut in detector.shots(enumerate(frames), picture=lambda frame: resizer(frame, cfg)):
         seen = i + 1
-        if detector.feed(frame) or i == 0 or (block and i % block == 0):
+        if cut or i == 0 or (block and i % block == 0):
             starts.append(i)
     return [b - a for a, b in zip(starts, starts[1:] + [seen])]
 
@@ -495,8 +504,8 @@ def shot_lengths(container, cfg: Config, clock: DecodeClock | None = None) -> li
 def _clips_in_shots(frames, source_uri: str, cfg: Config, skip: frozenset, detector, first: int, own: int,
                     end: int | None, offset: int | None, fps: float, one_clip: bool, shots: list):
     """The clips of frames ``first``, ``first + 1``, ... that lie within one shot each and start
-    at or after frame ``own`` (before ``end``, when given; frames before ``own`` only feed the
-    detector). A shot starts at each cut the detector finds and at each multiple of
+    at or after frame ``own`` (before ``end``, when given; frames before ``own``, and the
+    detector's lookahead after ``end``, only feed the detector). A shot starts at each cut the detector finds and at each multiple of
     ``shot_block``; its clips start at its first frame, every stride, up to --max-clips, and end
     before the next shot starts. ``clip_index`` counts clips within the shot, ``scene_index``
     shots within the block. Appends each shot's length to ``shots``; returns the frames seen."""
@@ -505,13 +514,18 @@ def _clips_in_shots(frames, source_uri: str, cfg: Config, skip: frozenset, detec
     recent: deque = deque(maxlen=cfg.num_frames)
     shot_start = scene_index = None
     seen = first
-    for i, frame in enumerate(frames, start=first):
+    indexed = enumerate(frames, start=first)
+    if end is not None:  # the part's last frames are decided on the frames after them
+        indexed = itertools.takewhile(lambda pair: pair[0] < end + detector.lookahead, indexed)
+    # Shots are found on the pictures the clips are made of (every frame is resized, even one in
+    # no clip or in clips already written: the detector needs it), sampled to about 64 wide.
+    resized = ((i, (frame, resizer(frame, cfg))) for i, frame in indexed)
+    for i, (frame, rgb), cut in detector.shots(resized, picture=lambda pair: pair[1]):
         if end is not None and i >= end:
             break
         seen = i + 1
         if offset is None:
             offset = round(frame.time * fps) if frame.time and fps else 0
-        cut = detector.feed(frame)
         if i < own:
             continue
         if shot_start is None or cut or (block and i % block == 0):
@@ -525,8 +539,7 @@ def _clips_in_shots(frames, source_uri: str, cfg: Config, skip: frozenset, detec
         latest = shot_start + (i - shot_start) // cfg.stride * cfg.stride
         starts = [s for s in range(latest, max(shot_start, i - cfg.num_frames + 1) - 1, -cfg.stride)
                   if cfg.max_clips is None or (s - shot_start) // cfg.stride < cfg.max_clips]
-        wanted = not skip or any(clip_id(source_uri, offset + s, cfg) not in skip for s in starts)
-        recent.append(resizer(frame, cfg) if wanted else None)
+        recent.append(rgb)
         start = i - cfg.num_frames + 1
         if start in starts:
             cid = clip_id(source_uri, offset + start, cfg)

@@ -4,30 +4,35 @@ The score is PySceneDetect's ContentDetector's (BSD-3-Clause), reproduced in num
 OpenCV is needed: the mean absolute difference between consecutive frames of hue, saturation and
 value, averaged with weights 1, 1, 1 (scenedetect/detectors/content_detector.py at commit
 131c5f60: ``_mean_pixel_distance`` lines 29-36, the HSV split line 155, the components lines
-166-169, the weighted average lines 177-180, the default threshold 27 line 106). The HSV values
+166-169, the weighted average lines 177-180). The HSV values
 are OpenCV's 8-bit ones (``cv2.COLOR_BGR2HSV``, H in 0..179): ``RGB2HSV_b`` in OpenCV's
 modules/imgproc/src/color_hsv.cpp, fixed point with 12 fractional bits (see ``hsv``).
 
-Frames are scored downscaled to DETECT_WIDTH pixels wide (PySceneDetect's own default works at
-256: scene_manager.py ``DEFAULT_MIN_WIDTH``), so detection costs little next to decoding.
+Frames are scored on the pictures the clips are made of (resized to --height x --width, so a
+part and the whole decode score the same pixels, and no second scaling is paid), sampled every
+k-th pixel to about DETECT_WIDTH wide: PySceneDetect scores at 256 wide (scene_manager.py
+``DEFAULT_MIN_WIDTH``); on bench/scenes.py's cuts, pans and fades, scores moved by 2 at most
+between 256 wide (area averaging) and 64 (nearest pixel), and detection costs about 0.07 ms a
+frame.
+The decision is AdaptiveDetector's (see ``ShotDetector``).
 
-A cut is a frame whose score reaches the threshold, with no other such frame in the
-``min_shot - 1`` frames before it (so shots between cuts are at least ``min_shot`` frames
-long, and a flash or a fast burst gives one cut, at its first frame). The rule looks back a
-bounded number of frames, so a part of a long video that starts ``lookback`` frames before its
-first frame finds exactly the cuts the whole decode finds there.
-
-Hard cuts are found at their frame. Gradual transitions (fades, dissolves, wipes) change each
-frame by less than the threshold and are not cut: a clip can span them. A fast fade (a few
-frames) or a flash can score above the threshold and be cut.
+Hard cuts are found at their frame. A dissolve or a slow fade changes each frame little and is
+not cut: a clip can span it. A fade to black is cut where the picture turns black (hue and
+saturation collapse there): the black frames start a shot, too short for a clip unless the black
+lasts. A camera pan raises the scores of its neighbours as much as its own and is not cut.
 """
 from __future__ import annotations
 
+from collections import deque
+from typing import Iterator
+
 import numpy as np
 
-DEFAULT_THRESHOLD = 27.0  # PySceneDetect's ContentDetector default; measured in bench/scenes.py
+DEFAULT_THRESHOLD = 3.0  # AdaptiveDetector's adaptive_threshold; margins measured in bench/scenes.py
 DEFAULT_MIN_SHOT = 15  # frames; PySceneDetect's min_scene_len default
-DETECT_WIDTH = 256
+MIN_CONTENT_SCORE = 15.0  # AdaptiveDetector's min_content_val
+WINDOW = 2  # AdaptiveDetector's window_width
+DETECT_WIDTH = 64
 
 _HSV_SHIFT = 12
 # OpenCV's tables: sdiv_table[i] = saturate_cast<int>((255 << hsv_shift)/(1.*i)),
@@ -60,48 +65,76 @@ def content_score(previous: tuple, current: tuple) -> float:
     return sum(_mean_distance(p, c) for p, c in zip(previous, current)) / 3.0
 
 
-class Downscaler:
-    """Decoded frames -> small uint8 RGB for scoring, one swscale context kept per video."""
-
-    def __init__(self, width: int = DETECT_WIDTH):
-        from av.video.reformatter import VideoReformatter
-
-        self.width, self.reformatter = width, VideoReformatter()
-
-    def __call__(self, frame) -> np.ndarray:
-        w = min(self.width, frame.width)
-        h = max(2, round(frame.height * w / frame.width / 2) * 2)
-        return self.reformatter.reformat(frame, width=w, height=h, format="rgb24",
-                                         interpolation="AREA").to_ndarray()
+def small(rgb: np.ndarray, width: int = DETECT_WIDTH) -> np.ndarray:
+    """Every k-th pixel of every k-th row: about ``width`` pixels wide (a view, no copy)."""
+    step = max(1, rgb.shape[1] // width)
+    return rgb[::step, ::step]
 
 
 class ShotDetector:
-    """Fed each frame in order; says whether the frame starts a new shot (a cut)."""
+    """PySceneDetect's AdaptiveDetector (scenedetect/detectors/adaptive_detector.py at 131c5f60:
+    defaults lines 39-42, the window of 2w+1 scores line 111, its mean without the centre lines
+    117-119, the ratio lines 122-128, the test lines 136-138): a frame's content score against
+    the mean of the ``window`` frames' scores on each side of it.
+    A frame meets the threshold when that ratio reaches ``ratio`` (adaptive_threshold, default
+    3.0) and its score reaches ``min_score`` (min_content_val, 15): a camera pan or fast motion
+    raises its neighbours' scores too, a cut only its own. The first ``window`` frames, and the
+    last, are never cuts (their window is not whole), as there.
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, min_shot: int = DEFAULT_MIN_SHOT,
-                 width: int = DETECT_WIDTH):
-        self.threshold, self.min_shot = threshold, max(1, min_shot)
-        self.downscale = Downscaler(width)
-        self.previous: tuple | None = None
-        self.since_above = None  # frames since the last frame at or above the threshold
-        self.scores: list[float] = []  # kept only when asked (measurements, tests)
-        self.keep_scores = False
+    A cut is a frame that meets the threshold with no other such frame in the ``min_shot - 1``
+    frames before it (PySceneDetect suppresses a cut within min_scene_len of the last *cut*, a
+    chain that reaches back without bound; this rule looks back a bounded number of frames, so a
+    part of a long video that starts ``lookback`` frames before its first frame decides exactly
+    as the whole decode does)."""
+
+    def __init__(self, ratio: float = DEFAULT_THRESHOLD, min_shot: int = DEFAULT_MIN_SHOT,
+                 min_score: float = MIN_CONTENT_SCORE, window: int = WINDOW, width: int = DETECT_WIDTH):
+        self.ratio, self.min_shot, self.min_score, self.window = ratio, max(1, min_shot), min_score, window
+        self.width = width
+        self.scores: list[float] | None = None  # every score, when a caller sets it to [] (measurements)
 
     @property
     def lookback(self) -> int:
-        """Frames before a frame that decide whether it is a cut."""
-        return self.min_shot
+        """Frames before a frame that its decision depends on (their scores' windows included)."""
+        return self.min_shot + self.window + 1
 
-    def feed(self, frame) -> bool:
-        return self.feed_rgb(self.downscale(frame))
+    @property
+    def lookahead(self) -> int:
+        """Frames after a frame that its decision waits for."""
+        return self.window
 
-    def feed_rgb(self, rgb: np.ndarray) -> bool:
-        current, first = hsv(rgb), self.previous is None
-        score = 0.0 if first else content_score(self.previous, current)
-        self.previous = current
-        if self.keep_scores:
-            self.scores.append(score)
-        above = not first and score >= self.threshold
-        cut = above and (self.since_above is None or self.since_above >= self.min_shot - 1)
-        self.since_above = 0 if above else (None if self.since_above is None else self.since_above + 1)
-        return cut
+    def shots(self, indexed_frames, picture=lambda frame: frame) -> Iterator[tuple[int, object, bool]]:
+        """(index, frame, starts a shot) for each (index, frame), ``lookahead`` frames late;
+        ``picture(frame)`` is its uint8 [H, W, 3] RGB picture (by default the frame itself)."""
+        w = self.window
+        win: deque = deque(maxlen=2 * w + 1)  # (index, frame, score)
+        previous, since_met, fed = None, None, 0
+        for i, frame in indexed_frames:
+            current = hsv(small(picture(frame), self.width))
+            score = 0.0 if previous is None else content_score(previous, current)
+            previous, fed = current, fed + 1
+            if self.scores is not None:
+                self.scores.append(score)
+            win.append((i, frame, score))
+            if fed <= w:
+                continue
+            if fed < 2 * w + 1:  # the first frames: their window is not whole
+                j, f, _ = win[fed - 1 - w]
+                since_met = None if since_met is None else since_met + 1
+                yield j, f, False
+                continue
+            j, f, target = win[w]
+            met = self._meets(target, [s for k, (_, _, s) in enumerate(win) if k != w])
+            cut = met and (since_met is None or since_met >= self.min_shot - 1)
+            since_met = 0 if met else (None if since_met is None else since_met + 1)
+            yield j, f, cut
+        for j, f, _ in list(win)[max(0, len(win) - min(w, fed)):]:  # the last frames
+            yield j, f, False
+
+    def _meets(self, target: float, others: list[float]) -> bool:
+        average = sum(others) / len(others)
+        if abs(average) >= 0.00001:
+            ratio = min(target / average, 255.0)
+        else:
+            ratio = 255.0 if target >= self.min_score else 0.0
+        return ratio >= self.ratio and target >= self.min_score
