@@ -154,3 +154,14 @@ def test_encode_with_split_scenes_through_the_cli(ray_local, edited, tiny_vae, t
     job = json.loads((out / "_job.json").read_text())
     assert job["identity"]["--split-scenes"] == {"--scene-threshold": 3.0, "--min-shot-frames": 15,
                                                  "--clips-per-task": 64}
+
+
+def test_a_video_whose_shots_are_all_shorter_than_a_clip_has_no_clip_and_no_error(tmp_path):
+    path = samples.write_video(str(tmp_path / "v.mp4"), samples.shot_frames([16, 16, 16], HEIGHT, WIDTH, 4))
+    cfg = cfg_for(tmp_path, num_frames=17)
+    assert list(decode.decode_clips({"source_uri": path, "size": 1}, cfg)) == []
+    (marker,) = pq.read_table(os.path.join(cfg.output, "_markers")).to_pylist()
+    assert (marker["clip_ids"], marker["shot_frames"]) == ([], [16, 16, 16])
+    assert not os.path.exists(os.path.join(cfg.output, "errors"))
+    with av.open(path) as c:  # without --split-scenes: two clips across the cuts
+        assert len(list(decode.iter_clips(c, path, cfg.replace(split_scenes=False)))) == 2
