@@ -102,7 +102,8 @@ def threshold_margins(height: int = 360, width: int = 640) -> dict:
     s = _scores(shots)
     r = _ratios(s)
     cuts = [i for i in range(24, len(s), 24)]
-    out = {"hard_cut_min_score": round(min(s[i] for i in cuts), 1), "hard_cut_min_ratio": round(min(r[i] for i in cuts), 1),
+    out = {"hard_cut_min_score": round(min(s[i] for i in cuts), 1),
+           "hard_cut_min_ratio": round(min(r[i] for i in cuts), 1),
            "within_shot_max_score": round(max(x for i, x in enumerate(s) if i not in cuts), 1)}
     for step in (2, 8):
         pan = _scores(samples.pan_frames(48, height, width, step))

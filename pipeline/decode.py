@@ -408,14 +408,7 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         frames = _decoded(container, stream, cfg, span, clock)
     if cfg.fps:
         frames = resample(frames, cfg.fps)
-    if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed
-        first = next(frames, None)
-        if first is not None:
-            turns = quarter_turns(first)
-            shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
-            height, width = choose_bucket(*shown, cfg.buckets)
-            cfg = cfg.replace(height=height, width=width)
-            frames = itertools.chain([first], frames)
+    frames, cfg = _in_bucket(frames, cfg)
     first_frame = first_clip * cfg.stride
     offset = None
     if part is not None:  # as the whole video's first frame sets it
@@ -454,6 +447,20 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         _too_short(seen, span, cfg)
 
 
+def _in_bucket(frames, cfg: Config):
+    """With --buckets, the config at the size chosen for this video, from its first frame as
+    displayed; the frames unchanged."""
+    if not cfg.buckets:
+        return frames, cfg
+    first = next(frames, None)
+    if first is None:
+        return iter(()), cfg
+    turns = quarter_turns(first)
+    shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
+    height, width = choose_bucket(*shown, cfg.buckets)
+    return itertools.chain([first], frames), cfg.replace(height=height, width=width)
+
+
 def _clip_row(cid: str, source_uri: str, clip_index: int, start_frame: int, fps: float, cfg: Config,
               frames) -> dict:
     return {"clip_id": cid, "source_uri": source_uri, "clip_index": clip_index, "start_frame": start_frame,
@@ -484,15 +491,9 @@ def shot_lengths(container, cfg: Config, clock: DecodeClock | None = None) -> li
     frames = _decoded(container, stream, cfg, (None, None), clock or DecodeClock(cfg.decode_timeout))
     if cfg.fps:
         frames = resample(frames, cfg.fps)
-    if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed, as iter_clips does
-        first = next(frames, None)
-        if first is not None:
-            turns = quarter_turns(first)
-            shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
-            height, width = choose_bucket(*shown, cfg.buckets)
-            cfg = cfg.replace(height=height, width=width)
-            frames = itertools.chain([first], frames)
-    detector, block, starts, seen = scenes.ShotDetector(cfg.scene_threshold, cfg.min_shot_frames), shot_block(cfg), [], 0
+    frames, cfg = _in_bucket(frames, cfg)
+    detector = scenes.ShotDetector(cfg.scene_threshold, cfg.min_shot_frames)
+    block, starts, seen = shot_block(cfg), [], 0
     resizer = Resizer()
     for i, _frame, cut in detector.shots(enumerate(frames), picture=lambda frame: resizer(frame, cfg)):
         seen = i + 1
@@ -505,10 +506,11 @@ def _clips_in_shots(frames, source_uri: str, cfg: Config, skip: frozenset, detec
                     end: int | None, offset: int | None, fps: float, one_clip: bool, shots: list):
     """The clips of frames ``first``, ``first + 1``, ... that lie within one shot each and start
     at or after frame ``own`` (before ``end``, when given; frames before ``own``, and the
-    detector's lookahead after ``end``, only feed the detector). A shot starts at each cut the detector finds and at each multiple of
-    ``shot_block``; its clips start at its first frame, every stride, up to --max-clips, and end
-    before the next shot starts. ``clip_index`` counts clips within the shot, ``scene_index``
-    shots within the block. Appends each shot's length to ``shots``; returns the frames seen."""
+    detector's lookahead after ``end``, only feed the detector). A shot starts at each cut the
+    detector finds and at each multiple of ``shot_block``; its clips start at its first frame,
+    every stride, up to --max-clips, and end before the next shot starts. ``clip_index`` counts
+    clips within the shot, ``scene_index`` shots within the block. Appends each shot's length
+    to ``shots``; returns the frames seen."""
     block = shot_block(cfg)
     resizer = Resizer()
     recent: deque = deque(maxlen=cfg.num_frames)

@@ -17,7 +17,8 @@ from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
 from pipeline.text import text_dtype
 from pipeline.schema import (CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT, MARKER_SCHEMA,
-                             METADATA_KEY, SCENE_COLUMNS, PROMPT_EMBEDS, PROMPT_MASK, STAGES, image_columns, tensor_columns)
+                             METADATA_KEY, PROMPT_EMBEDS, PROMPT_MASK, SCENE_COLUMNS, STAGES, image_columns,
+                             tensor_columns)
 
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 

@@ -57,8 +57,9 @@ def test_a_fast_pan_is_not_cut_but_hides_the_cuts_into_and_out_of_it(tmp_path):
     threshold (27), none over 3x its neighbours. The cuts into and out of the pan score too little
     above the pan's frames beside them to be told from them (AdaptiveDetector's trade-off)."""
     pan = samples.pan_frames(30, HEIGHT, WIDTH, step=8)
-    path = samples.write_video(str(tmp_path / "v.mp4"), np.concatenate([samples.shot_frames([20], HEIGHT, WIDTH, 1),
-                                                                         pan, samples.shot_frames([20], HEIGHT, WIDTH, 2)]))
+    frames = np.concatenate([samples.shot_frames([20], HEIGHT, WIDTH, 1), pan,
+                             samples.shot_frames([20], HEIGHT, WIDTH, 2)])
+    path = samples.write_video(str(tmp_path / "v.mp4"), frames)
     detector = scenes.ShotDetector()
     detector.scores = []
     with av.open(path) as c:
