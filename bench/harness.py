@@ -1,7 +1,7 @@
 """The benchmark: isolated encode (the ceiling), the full Ray pipeline, and a naive loop, on the same
 generated videos, in one process tree. Never run as a test.
 
-  python -m bench --device cpu|cuda [--quick] [--sweep] [--memory] [--decode]
+  python -m bench --device cpu|cuda [--quick] [--sweep] [--memory] [--decode] [--scenes]
 """
 from __future__ import annotations
 
@@ -333,6 +333,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep", action="store_true", help="clips/s against batch size and actors; plot")
     p.add_argument("--memory", action="store_true", help="peak RSS as the dataset and a video grow 10x")
     p.add_argument("--decode", action="store_true", help="PyAV decode+resize against ffmpeg -threads 1")
+    p.add_argument("--scenes", action="store_true", help="decode with --split-scenes against without (bench/scenes.py)")
     p.add_argument("--plot", default="bench/results/sweep-{device}.png")
     args = p.parse_args(argv)
     import ray
@@ -358,6 +359,10 @@ def main(argv=None) -> dict:
             result.update(decode_vs_ffmpeg(args.device))
         else:
             print("(ffmpeg not found: decode comparison skipped; `apt-get install ffmpeg` for it)")
+    if args.scenes:
+        from bench import scenes
+
+        result["scenes"] = scenes.main([])
     if args.memory:
         result.update(memory_scaling(args.device, base_videos=4))
     if args.sweep:

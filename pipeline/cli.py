@@ -146,6 +146,19 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "start_sec/end_sec (one clip per row) and any other columns, which are copied "
                         "into the output rows; replaces INPUT")
     p.add_argument("--fps", type=float, default=None, help="resample frames to this rate before cutting clips")
+    scenes = p.add_argument_group("shots")
+    scenes.add_argument("--split-scenes", action="store_true",
+                        help="find shot boundaries (hard cuts) while decoding and cut clips within shots only: "
+                             "each shot is clipped from its first frame, with --clip-stride and --max-clips per "
+                             "shot; a shot shorter than one clip gives none. Fades and dissolves are not cut")
+    scenes.add_argument("--scene-threshold", type=float, default=3.0, metavar="RATIO",
+                        help="a frame starts a shot when its content score (PySceneDetect's: the mean change "
+                             "of hue, saturation and value from the frame before, 0-255; at least 15) is this "
+                             "many times the mean of the 2 frames' scores on each side (PySceneDetect's "
+                             "AdaptiveDetector; default 3)")
+    scenes.add_argument("--min-shot-frames", type=int, default=15, metavar="N",
+                        help="no cut within N frames after a frame that met the threshold: shots between cuts "
+                             "are at least N frames, and a flash gives one cut (default 15)")
     p.add_argument("--buckets", type=_buckets, default=(), metavar="HxW[,HxW...]",
                    help="aspect-ratio buckets, e.g. 480x720,720x480: each video is encoded at the one "
                         "nearest its aspect ratio (replaces --height/--width)")

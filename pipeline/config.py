@@ -94,6 +94,10 @@ class Config:
     allow_pickle: bool = False
     force: bool = False  # allow OUTPUT inside INPUT
     fps: float | None = None  # resample in time before cutting clips
+    # Clips cut within shots only (pipeline.scenes): a shot's clips start at its first frame.
+    split_scenes: bool = False
+    scene_threshold: float = 3.0  # pipeline.scenes.DEFAULT_THRESHOLD: a score over its neighbours' mean
+    min_shot_frames: int = 15  # pipeline.scenes.DEFAULT_MIN_SHOT
     buckets: tuple[tuple[int, int], ...] = ()  # (height, width) sizes; each video takes the nearest aspect
     manifest: str | None = None  # CSV, JSONL or Parquet with a `uri` column
     # The manifest's own columns (name, Arrow type), copied into the output rows: set by validate.
@@ -229,6 +233,8 @@ def _check_options(cfg: Config) -> None:
     _check(storage.is_s3(cfg.output) or not os.path.isfile(cfg.output),
            f"OUTPUT {cfg.output} is a file; give a folder or an s3:// prefix")
     _check(cfg.fps is None or cfg.fps > 0, "--fps must be positive")
+    _check(cfg.scene_threshold > 0, "--scene-threshold must be positive (a frame's content score over its neighbours' mean)")
+    _check(cfg.min_shot_frames >= 1, "--min-shot-frames must be at least 1")
     _check((cfg.input is None) != (cfg.manifest is None), "give INPUT or --manifest, not both"
            if cfg.input else "give INPUT (a folder, a file or an s3:// prefix) or --manifest")
     if cfg.input is not None:

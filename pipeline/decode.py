@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import failures, hooks, layout, sink, storage, text
+from pipeline import failures, hooks, layout, scenes, sink, storage, text
 from pipeline.audio import clip_samples
 from pipeline.config import Config
 from pipeline.failures import InputError
@@ -377,7 +377,7 @@ class NotConstantRate(InputRejected):
 def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozenset(),
                span: tuple[float | None, float | None] = (None, None),
                part: tuple[int, int, float] | None = None,
-               clock: DecodeClock | None = None) -> Iterator[tuple[str, dict | None]]:
+               clock: DecodeClock | None = None, shots: list | None = None) -> Iterator[tuple[str, dict | None]]:
     """Yield ``(clip_id, row)`` per clip; row is None for a clip in ``skip`` (already written).
 
     A row holds the clip's metadata and ``frames``, uint8 [3, F, H, W], C-contiguous. With a
@@ -388,6 +388,8 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     the header's count; a part the stream ends in reports what the whole decode would.
     Frame indices count the frames after ``--fps`` resampling, from the start of the video.
     ``clock`` counts the time against ``--decode-timeout`` (by default, from now on).
+    With ``--split-scenes``, clips are cut within shots (``_clips_in_shots``), and the length of
+    each shot that starts in the video (or part) is appended to ``shots``.
     """
     clock = clock or DecodeClock(cfg.decode_timeout)
     _check_container(container, cfg)
@@ -399,28 +401,34 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
     if span != (None, None):
         cfg = cfg.replace(max_clips=1)
     first_clip, last_clip = 0, cfg.max_clips
+    detector = scenes.ShotDetector(cfg.scene_threshold, cfg.min_shot_frames) if cfg.split_scenes else None
+    lookback = 0
     if part is not None:
         first_clip, last_clip = part[0], cfg.max_clips if part[1] is None else part[0] + part[1]
-        frames = _part_frames(container, stream, cfg, first_clip * cfg.stride, part[2], fps, clock)
+        # The frames before the part that decide whether a shot starts at its first frames.
+        lookback = min(detector.lookback, first_clip * cfg.stride) if detector else 0
+        frames = _part_frames(container, stream, cfg, first_clip * cfg.stride - lookback, part[2], fps, clock)
     else:
         frames = _decoded(container, stream, cfg, span, clock)
     if cfg.fps:
         frames = resample(frames, cfg.fps)
-    if cfg.buckets:  # the shape is chosen per video, from its first frame as displayed
-        first = next(frames, None)
-        if first is not None:
-            turns = quarter_turns(first)
-            shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
-            height, width = choose_bucket(*shown, cfg.buckets)
-            cfg = cfg.replace(height=height, width=width)
-            frames = itertools.chain([first], frames)
+    frames, cfg = _in_bucket(frames, cfg)
+    first_frame = first_clip * cfg.stride
+    offset = None
+    if part is not None:  # as the whole video's first frame sets it (a negative time counts as 0)
+        offset = max(0, round(part[2] * fps)) if part[2] and fps else 0
+    if detector is not None:
+        end = None if part is None or part[1] is None else (first_clip + part[1]) * cfg.stride
+        seen = yield from _clips_in_shots(frames, source_uri, cfg, skip, detector, first_frame - lookback,
+                                          first_frame, end, offset, fps, span != (None, None),
+                                          shots if shots is not None else [])
+        if part is None and seen < cfg.num_frames:
+            _too_short(seen, span, cfg)
+        return
     recent: deque[np.ndarray] = deque(maxlen=cfg.num_frames)
     times: deque[float | None] = deque(maxlen=cfg.num_frames)  # for --audio-latents: where a clip starts
     resizer = Resizer()
-    first_frame = first_clip * cfg.stride
-    clip_index, seen, offset = first_clip, 0, None
-    if part is not None:  # as the whole video's first frame sets it (a negative time counts as 0)
-        offset = max(0, round(part[2] * fps)) if part[2] and fps else 0
+    clip_index, seen = first_clip, 0
     for i, frame in enumerate(frames, start=first_frame):
         seen = i + 1
         if offset is None:  # the first frame's index in the video, at the output frame rate; a stream
@@ -437,28 +445,131 @@ def iter_clips(container, source_uri: str, cfg: Config, skip: frozenset = frozen
         start = clip_index * cfg.stride
         if i == start + cfg.num_frames - 1:
             cid = clip_id(source_uri, offset + start, cfg)
-            row = None if cid in skip else {
-                "clip_id": cid,
-                "source_uri": source_uri,
-                "clip_index": clip_index,
-                "start_frame": offset + start,
-                "num_frames": cfg.num_frames,
-                "fps": fps,
-                "height": cfg.height,
-                "width": cfg.width,
-                "frames": to_clip_layout(recent),
-            }
-            if row is not None and cfg.audio_latents:
-                row[AUDIO_START] = times[0] if times[0] is not None else start / fps
-            yield cid, row
+            yield cid, None if cid in skip else _clip_row(cid, source_uri, clip_index, offset + start, fps, cfg,
+                                                          recent, times[0])
             clip_index += 1
             if last_clip is not None and clip_index >= last_clip:
                 return
     if clip_index == 0 and part is None:
-        where = "" if span == (None, None) else f" between {span[0] or 0:g} s and {span[1] or 'the end'} s"
-        raise TooShort(f"the video has {seen} frames{where}"
-                       f"{f' at {cfg.fps:g} fps' if cfg.fps else ''}; one clip needs {cfg.num_frames} "
-                       "(--num-frames)")
+        _too_short(seen, span, cfg)
+
+
+def _in_bucket(frames, cfg: Config):
+    """With --buckets, the config at the size chosen for this video, from its first frame as
+    displayed; the frames unchanged."""
+    if not cfg.buckets:
+        return frames, cfg
+    first = next(frames, None)
+    if first is None:
+        return iter(()), cfg
+    turns = quarter_turns(first)
+    shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
+    height, width = choose_bucket(*shown, cfg.buckets)
+    return itertools.chain([first], frames), cfg.replace(height=height, width=width)
+
+
+def _clip_row(cid: str, source_uri: str, clip_index: int, start_frame: int, fps: float, cfg: Config,
+              frames, start_time: float | None = None) -> dict:
+    """A clip's row; with --audio-latents, the time its audio starts (its first frame's)."""
+    row = {"clip_id": cid, "source_uri": source_uri, "clip_index": clip_index, "start_frame": start_frame,
+           "num_frames": cfg.num_frames, "fps": fps, "height": cfg.height, "width": cfg.width,
+           "frames": to_clip_layout(frames)}
+    if cfg.audio_latents:
+        row[AUDIO_START] = start_time if start_time is not None else (start_frame / fps if fps else 0.0)
+    return row
+
+
+def _too_short(seen: int, span, cfg: Config):
+    where = "" if span == (None, None) else f" between {span[0] or 0:g} s and {span[1] or 'the end'} s"
+    raise TooShort(f"the video has {seen} frames{where}"
+                   f"{f' at {cfg.fps:g} fps' if cfg.fps else ''}; one clip needs {cfg.num_frames} "
+                   "(--num-frames)")
+
+
+def shot_block(cfg: Config) -> int:
+    """Frames between the starts of a long video's parts (0: never split). With --split-scenes a
+    shot also starts at each multiple, so that a part is clipped alone exactly as the whole
+    video is (a part cannot know where a shot that began before it began)."""
+    return cfg.clips_per_task * cfg.stride
+
+
+def shot_lengths(container, cfg: Config, clock: DecodeClock | None = None) -> list[int]:
+    """The shots of a whole video as ``--split-scenes`` cuts them (cuts, and a shot start at each
+    multiple of ``shot_block``), in frames: for ``plan``, which cuts no clip."""
+    _check_container(container, cfg)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    frames = _decoded(container, stream, cfg, (None, None), clock or DecodeClock(cfg.decode_timeout))
+    if cfg.fps:
+        frames = resample(frames, cfg.fps)
+    frames, cfg = _in_bucket(frames, cfg)
+    detector = scenes.ShotDetector(cfg.scene_threshold, cfg.min_shot_frames)
+    block, starts, seen = shot_block(cfg), [], 0
+    resizer = Resizer()
+    for i, _frame, cut in detector.shots(enumerate(frames), picture=lambda frame: resizer(frame, cfg)):
+        seen = i + 1
+        if cut or i == 0 or (block and i % block == 0):
+            starts.append(i)
+    return [b - a for a, b in zip(starts, starts[1:] + [seen])]
+
+
+def _clips_in_shots(frames, source_uri: str, cfg: Config, skip: frozenset, detector, first: int, own: int,
+                    end: int | None, offset: int | None, fps: float, one_clip: bool, shots: list):
+    """The clips of frames ``first``, ``first + 1``, ... that lie within one shot each and start
+    at or after frame ``own`` (before ``end``, when given; frames before ``own``, and the
+    detector's lookahead after ``end``, only feed the detector). A shot starts at each cut the
+    detector finds and at each multiple of ``shot_block``; its clips start at its first frame,
+    every stride, up to --max-clips, and end before the next shot starts. ``clip_index`` counts
+    clips within the shot, ``scene_index`` shots within the block. Appends each shot's length
+    to ``shots``; returns the frames seen."""
+    block = shot_block(cfg)
+    resizer = Resizer()
+    recent: deque = deque(maxlen=cfg.num_frames)
+    times: deque = deque(maxlen=cfg.num_frames)  # for --audio-latents: where a clip starts
+    shot_start = scene_index = None
+    seen = first
+    indexed = enumerate(frames, start=first)
+    if end is not None:  # the part's last frames are decided on the frames after them
+        indexed = itertools.takewhile(lambda pair: pair[0] < end + detector.lookahead, indexed)
+    # Shots are found on the pictures the clips are made of (every frame is resized, even one in
+    # no clip or in clips already written: the detector needs it), sampled to about 64 wide.
+    resized = ((i, (frame, resizer(frame, cfg))) for i, frame in indexed)
+    for i, (frame, rgb), cut in detector.shots(resized, picture=lambda pair: pair[1]):
+        if end is not None and i >= end:
+            break
+        seen = i + 1
+        if offset is None:  # a negative first-frame time counts as 0, as in iter_clips
+            offset = max(0, round(frame.time * fps)) if frame.time and fps else 0
+        if i < own:
+            continue
+        if shot_start is None or cut or (block and i % block == 0):
+            if shot_start is not None:
+                shots.append(i - shot_start)
+            new_block = shot_start is None or (block and i % block == 0)
+            scene_index = 0 if new_block else scene_index + 1
+            shot_start = i
+            recent.clear()
+            times.clear()
+        # The starts of the shot's clips that hold frame i: every stride from the shot's first frame.
+        latest = shot_start + (i - shot_start) // cfg.stride * cfg.stride
+        starts = [s for s in range(latest, max(shot_start, i - cfg.num_frames + 1) - 1, -cfg.stride)
+                  if cfg.max_clips is None or (s - shot_start) // cfg.stride < cfg.max_clips]
+        recent.append(rgb)
+        times.append(frame.time)
+        start = i - cfg.num_frames + 1
+        if start in starts:
+            cid = clip_id(source_uri, offset + start, cfg)
+            row = None
+            if cid not in skip:
+                row = _clip_row(cid, source_uri, (start - shot_start) // cfg.stride, offset + start, fps, cfg, recent,
+                                times[0])
+                row.update(scene_index=scene_index, scene_start_frame=offset + shot_start)
+            yield cid, row
+            if one_clip:
+                break
+    if shot_start is not None:
+        shots.append(seen - shot_start)
+    return seen
 
 
 # Ray Data retries a task whose worker process died (FFmpeg segfaulted or aborted, the OOM
@@ -496,8 +607,9 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
     cut: dict[str, None] = {}  # the ids of the clips cut so far, in order, across attempts
     clock = DecodeClock(cfg.decode_timeout)  # across attempts: seconds of decoding per input or part
     for attempt in itertools.count():
+        shots: list[int] = []  # --split-scenes: each attempt finds them all again
         try:
-            for cid, clip in _input_clips(row, cfg, skip.union(cut), clock):
+            for cid, clip in _input_clips(row, cfg, skip.union(cut), clock, shots):
                 cut[cid] = None
                 if clip is not None:
                     clock.stop()  # paused here for as long as the consumer does not pull
@@ -520,7 +632,7 @@ def decode_clips(row: dict, cfg: Config, ledger=None) -> Iterator[dict]:
                 continue
             _record_error(cfg, ledger, unit, _error_row(row, e, error_class, list(cut)))
             return
-    sink.write_marker(cfg, uri, list(cut), part, parts)
+    sink.write_marker(cfg, uri, list(cut), part, parts, shots if cfg.split_scenes else None)
     hooks.reach("marker")
     _report(ledger, None, unit)
 
@@ -545,8 +657,8 @@ def _earlier_crashes(ledger, unit: str) -> int:
     return sum(node in alive for node in earlier)
 
 
-def _input_clips(row: dict, cfg: Config, skip: frozenset,
-                 clock: DecodeClock | None = None) -> Iterator[tuple[str, dict | None]]:
+def _input_clips(row: dict, cfg: Config, skip: frozenset, clock: DecodeClock | None = None,
+                 shots: list | None = None) -> Iterator[tuple[str, dict | None]]:
     """Open one input (checking its size first) and cut its clips, as ``iter_clips`` does.
 
     A read failure is raised as itself even when FFmpeg took it for the end of the stream."""
@@ -578,7 +690,7 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset,
                 raise storage.read_failure(source) or _unreadable(e) from e
             with container, _audio_track(container, path, cfg, span, part) as audio:
                 hooks.reach("decoding", uri)
-                for cid, clip in iter_clips(container, uri, cfg, skip, span, part, clock):
+                for cid, clip in iter_clips(container, uri, cfg, skip, span, part, clock, shots):
                     if clip is not None and audio is not None:
                         clip[AUDIO] = audio.take(clip.pop(AUDIO_START), clip_samples(
                             cfg.num_frames, clip["fps"], cfg.audio_sample_rate))

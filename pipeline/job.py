@@ -66,6 +66,9 @@ def identity(cfg: Config, info: ModelInfo) -> dict:
         "--fps": cfg.fps,
         "--clip-stride": cfg.stride,
         "--max-clips": cfg.max_clips,
+        # A shot that runs across a part boundary (every --clips-per-task clips' frames) is clipped as two.
+        "--split-scenes": {"--scene-threshold": cfg.scene_threshold, "--min-shot-frames": cfg.min_shot_frames,
+                           "--clips-per-task": cfg.clips_per_task} if cfg.split_scenes else None,
         "--tiling": cfg.tiling,  # tiles are blended at their seams: other values
         # Off (or as before): None, so that jobs recorded before these options existed keep their identity.
         "--slicing": True if cfg.slicing else None,  # each clip of a batch alone: other kernels, other bits

@@ -139,6 +139,27 @@ def binned_rate(timeline: list[tuple[float, int]], bins: int = 20) -> list[tuple
             for b in range(bins)]
 
 
+def shot_histogram(shot_frames: list[int], num_frames: int) -> list[tuple[str, int]]:
+    """Shots by length in frames, in doubling bins (1, 2-3, 4-7, ...); a bin of shots too short
+    for one clip says so."""
+    bins: Counter = Counter(max(0, int(n)).bit_length() for n in shot_frames if n)
+    out = []
+    for b in sorted(bins):
+        lo, hi = 1 << (b - 1), (1 << b) - 1
+        label = f"{lo}-{hi} frames" if hi > lo else f"{lo} frame{'s' if lo > 1 else ''}"
+        out.append((label + (" (no clip)" if hi < num_frames else ""), bins[b]))
+    return out
+
+
+def _shots_section(cfg) -> str:
+    if not getattr(cfg, "split_scenes", False):
+        return ""
+    table = layout.read_columns(cfg.output, layout.MARKERS_DIR, ["shot_frames"], cfg.s3, cfg.job_fingerprint)
+    lengths = [n for cell in (table.column("shot_frames").to_pylist() if table is not None else []) for n in cell or []]
+    return (f"<h2>Shot lengths</h2><p>{len(lengths)} shots (--split-scenes; a shot across a part boundary counts "
+            f"as two)</p>{_svg_bars(shot_histogram(lengths, cfg.num_frames))}")
+
+
 def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
     """OUTPUT/report.html: throughput over time, errors by type, clips per video."""
     info = summarize(cfg.output, cfg.s3)
@@ -152,6 +173,7 @@ def write_html(cfg, summary: dict, timeline: list[tuple[float, int]]) -> str:
 <h2>Throughput</h2>{_svg_line(rates, "seconds", "clips/s")}
 <h2>Errors by type</h2>{_svg_bars(list(info['errors_by_type'].items()))}
 <h2>Clips per video</h2>{_svg_bars([(f"{k} clip{'s' if k > 1 else ''}", n) for k, n in info.get('clips_per_video', [])])}
+{_shots_section(cfg)}
 </body></html>"""
     uri = storage.join(cfg.output, layout.REPORT)
     storage.write_bytes_atomic(uri, body.encode(), cfg.s3)

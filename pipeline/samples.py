@@ -131,3 +131,36 @@ def make_tiny_text_encoder(folder: str, kind: str = "t5", seed: int = 0) -> str:
                         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     model_cls(config).eval().save_pretrained(os.path.join(folder, "text_encoder"))
     return folder
+
+
+def shot_frames(lengths: list[int], height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 [sum(lengths), H, W, 3]: one shot per length, each its own colours and pattern moving
+    slowly (a hard cut between shots), for the shot detector's tests and benchmark."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for n in lengths:
+        base, amp = rng.uniform(40, 215, size=3), rng.uniform(20, 40, size=3)
+        fx, fy, phase = rng.uniform(0.05, 0.2), rng.uniform(0.05, 0.2), rng.uniform(0, 2 * np.pi)
+        for t in range(n):
+            wave = np.sin(xx * fx + yy * fy + phase + 0.15 * t)[..., None]
+            out.append(np.clip(base + amp * wave, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def pan_frames(num_frames: int, height: int, width: int, step: int = 2, seed: int = 0) -> np.ndarray:
+    """uint8 [F, H, W, 3]: a camera panning ``step`` pixels a frame across a wide textured scene."""
+    rng = np.random.default_rng(seed)
+    wide = width + step * num_frames
+    yy, xx = np.mgrid[0:height, 0:wide].astype(np.float32)
+    scene = np.stack([127 + 90 * np.sin(xx / (9 + 4 * c) + yy / (13 + 3 * c) + rng.uniform(0, 6)) for c in range(3)],
+                     axis=-1)
+    scene = np.clip(scene + rng.normal(0, 4, scene.shape), 0, 255).astype(np.uint8)
+    return np.stack([scene[:, t * step:t * step + width] for t in range(num_frames)])
+
+
+def fade(a: np.ndarray, b: np.ndarray, frames: int) -> np.ndarray:
+    """uint8 [frames, H, W, 3]: a cross-fade from frame ``a`` to frame ``b`` (a dissolve; a fade to
+    black when ``b`` is black), excluding both ends."""
+    w = (np.arange(1, frames + 1, dtype=np.float32) / (frames + 1))[:, None, None, None]
+    return np.round(a[None].astype(np.float32) * (1 - w) + b[None].astype(np.float32) * w).astype(np.uint8)

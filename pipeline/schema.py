@@ -22,6 +22,9 @@ CLIP_COLUMNS = {
     "height": pa.int32(),
     "width": pa.int32(),
 }
+# With --split-scenes: the shot the clip lies in, its number (counted from the start of the
+# video's block of --clips-per-task x stride frames: a long video's part) and its first frame.
+SCENE_COLUMNS = {"scene_index": pa.int32(), "scene_start_frame": pa.int32()}
 # Added by the encoder: whether the clip went through the VAE's tiled path (asked for with
 # --tiling, or taken as the last step down when a clip alone ran out of GPU memory).
 ENCODER_COLUMNS = {"tiled": pa.bool_()}
@@ -46,7 +49,10 @@ ERROR_SCHEMA = pa.schema([
     # input's outcome only once all of them are committed, so a crash cannot hide them.
     ("clip_ids", pa.list_(pa.string())),
 ])
-MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), *PART_COLUMNS, ("clip_ids", pa.list_(pa.string()))])
+# shot_frames (--split-scenes): the length in frames of each shot that starts in the unit, for the
+# report's histogram (shots with no clip included); null without --split-scenes.
+MARKER_SCHEMA = pa.schema([("source_uri", pa.string()), *PART_COLUMNS, ("clip_ids", pa.list_(pa.string())),
+                          ("shot_frames", pa.list_(pa.int32()))])
 
 
 def tensor_columns(latent_mode: str) -> tuple[str, ...]:

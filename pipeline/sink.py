@@ -17,7 +17,8 @@ from pipeline.config import ROW_GROUP_BYTES, Config
 from pipeline.model import ModelInfo
 from pipeline.text import text_dtype
 from pipeline.schema import (AUDIO_LATENTS, CAPTION, CLIP_COLUMNS, ENCODER_COLUMNS, ERROR_SCHEMA, INPUT, LAYOUT,
-                             MARKER_SCHEMA, METADATA_KEY, STAGES, TEXT_COLUMNS, image_columns, tensor_columns)
+                             MARKER_SCHEMA, METADATA_KEY, SCENE_COLUMNS, STAGES, TEXT_COLUMNS, image_columns,
+                             tensor_columns)
 
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 
@@ -93,7 +94,7 @@ def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
 
 def passthrough_columns(batch: dict) -> tuple[str, ...]:
     """The columns that travel unchanged from the decode step to the writer."""
-    return tuple(CLIP_COLUMNS) + tuple(c for c in ("extra", CAPTION) if c in batch)
+    return tuple(CLIP_COLUMNS) + tuple(c for c in (*SCENE_COLUMNS, "extra", CAPTION) if c in batch)
 
 
 def _extra_arrays(batch: dict, cfg: Config):
@@ -118,6 +119,9 @@ def latents_table(batch: dict, cfg: Config, metadata_json: str) -> pa.Table:
     for name, typ in {**CLIP_COLUMNS, **ENCODER_COLUMNS}.items():
         values = batch[name] if name in batch else np.full(len(batch["clip_id"]), cfg.tiling)
         arrays.append(pa.array(np.asarray(values).tolist(), type=typ))
+        fields.append(pa.field(name, typ))
+    for name, typ in SCENE_COLUMNS.items() if cfg.split_scenes else ():
+        arrays.append(pa.array(np.asarray(batch[name]).tolist(), type=typ))
         fields.append(pa.field(name, typ))
     if cfg.extra_columns and "extra" in batch:
         for name, array in _extra_arrays(batch, cfg):
@@ -194,9 +198,9 @@ def write_error(cfg: Config, row: dict) -> str:
 
 
 def write_marker(cfg: Config, source_uri: str, clip_ids: list[str], part: int | None = None,
-                 parts: int | None = None) -> str:
+                 parts: int | None = None, shot_frames: list[int] | None = None) -> str:
     """Record that every clip of an input (or of one part of it) was cut: once all are written,
-    a rerun skips it."""
-    table = pa.Table.from_pylist([{"source_uri": source_uri, "part": part, "parts": parts, "clip_ids": clip_ids}],
-                                 schema=MARKER_SCHEMA)
+    a rerun skips it. ``shot_frames``: with --split-scenes, the lengths of the shots found."""
+    table = pa.Table.from_pylist([{"source_uri": source_uri, "part": part, "parts": parts, "clip_ids": clip_ids,
+                                   "shot_frames": shot_frames}], schema=MARKER_SCHEMA)
     return _write_table(cfg, layout.MARKERS_DIR, layout.marker_file(source_uri, part), table)

@@ -51,7 +51,7 @@ def manifest_extra_columns(cfg: Config) -> tuple[tuple[str, str], ...]:
                          f"(it has {', '.join(columns.names)})")
     # With --text-embeddings the output has its own `caption` column: the caption each clip used.
     own = {schema.CAPTION} if cfg.text_embeddings else set()
-    taken = {*schema.CLIP_COLUMNS, *schema.ENCODER_COLUMNS, *schema.ALL_TENSOR_COLUMNS, "extra"}
+    taken = {*schema.CLIP_COLUMNS, *schema.SCENE_COLUMNS, *schema.ENCODER_COLUMNS, *schema.ALL_TENSOR_COLUMNS, "extra"}
     clash = [f.name for f in columns if f.name in taken]
     if clash:
         raise ValueError(f"column(s) {', '.join(clash)} would overwrite the output's own; rename them")

@@ -35,6 +35,8 @@ def good_args(tmp_path, tiny_vae):
     (["--extensions", ","], "--extensions"),
     (["--max-pixels", "0"], "--max-pixels"),
     (["--decode-timeout", "0"], "--decode-timeout"),
+    (["--split-scenes", "--scene-threshold", "0"], "--scene-threshold"),
+    (["--split-scenes", "--min-shot-frames", "0"], "--min-shot-frames"),
 ])
 def test_bad_options_exit_2_with_one_line(good_args, capsys, extra, message):
     assert exit_code(good_args + extra) == 2

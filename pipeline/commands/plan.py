@@ -14,7 +14,7 @@ import math
 import os
 from collections import Counter, defaultdict
 
-from pipeline import decode, failures, probe, sources
+from pipeline import decode, probe, sources
 from pipeline.config import Config, latent_bytes_per_row
 from pipeline.model import ModelInfo
 
@@ -25,7 +25,8 @@ EXAMPLES = 5  # inputs named per problem
 
 def plan_row(row: dict, cfg: Config) -> dict:
     """Ray Data map step: one listed input's plan (or the error ``encode`` would record)."""
-    out = {"source_uri": row["source_uri"], "clips": 0, "frames": 0, "bucket": None, "parts": 1, "problem": None}
+    out = {"source_uri": row["source_uri"], "clips": 0, "frames": 0, "bucket": None, "parts": 1, "problem": None,
+           "shots": 0, "short_shots": 0, "clips_lost": 0, "shot_frames": []}
     try:
         p = probe.probe(row, cfg)
     except Exception as e:  # noqa: BLE001 - recorded as encode would record it
@@ -38,15 +39,40 @@ def plan_row(row: dict, cfg: Config) -> dict:
         clips = 1 if frames >= cfg.num_frames else 0
     else:
         clips = probe.clip_count(frames, cfg)
+    if cfg.split_scenes and span == (None, None) and clips:
+        try:
+            shots = _shots(row, cfg)
+        except Exception as e:  # noqa: BLE001 - recorded as encode would record it
+            return {**out, "problem": f"{getattr(e, 'stage', 'decode')}/{_error_type(e)}"}
+        within = sum(probe.clip_count(n, cfg) for n in shots)
+        out.update(shots=len(shots), short_shots=sum(n < cfg.num_frames for n in shots), clips_lost=clips - within,
+                   shot_frames=shots)
+        clips = within
+        if clips == 0:
+            return {**out, "frames": frames}  # every shot shorter than a clip: no clip, and no error
     if clips == 0:
         return {**out, "frames": frames, "problem": "sample/TooShort"}
     height, width = decode.choose_bucket(p.width, p.height, cfg.buckets) if cfg.buckets else (cfg.height, cfg.width)
-    if cfg.max_clips is not None and span == (None, None):
+    if cfg.max_clips is not None and span == (None, None) and not cfg.split_scenes:
         frames = min(frames, (clips - 1) * cfg.stride + cfg.num_frames)  # decoding stops after the last clip
     splits = (cfg.clips_per_task and not cfg.fps and span == (None, None) and p.constant_rate
               and clips > cfg.clips_per_task)
     return {**out, "clips": clips, "frames": frames, "bucket": f"{height}x{width}",
             "parts": math.ceil(clips / cfg.clips_per_task) if splits else 1}
+
+
+def _shots(row: dict, cfg: Config) -> list[int]:
+    """--split-scenes: the input's shot lengths, found by decoding it (no header tells them)."""
+    import contextlib
+
+    import av
+
+    from pipeline import storage
+
+    source = storage.open_for_decode(row.get("path") or row["source_uri"], cfg.s3)
+    with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
+        with av.open(source, mode="r") as container:
+            return decode.shot_lengths(container, cfg)
 
 
 def _error_type(e: BaseException) -> str:
@@ -67,8 +93,14 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
     clips_per_video, buckets, problems = Counter(), defaultdict(lambda: {"videos": 0, "clips": 0}), Counter()
     examples = defaultdict(list)
     total = {"inputs": 0, "inputs_ok": 0, "clips": 0, "frames_to_decode": 0, "decode_tasks": 0, "inputs_split": 0}
+    shots_per_video, shot_frames = Counter(), Counter()
     for r in rows.iter_rows():
         total["inputs"] += 1
+        if cfg.split_scenes and not r["problem"]:
+            for key in ("shots", "short_shots", "clips_lost"):
+                total[key] = total.get(key, 0) + r[key]
+            shots_per_video[r["shots"]] += 1
+            shot_frames.update(r["shot_frames"])
         total["frames_to_decode"] += r["frames"] if r["clips"] else 0
         total["decode_tasks"] += r["parts"]  # an input that will fail still takes its task
         if r["problem"]:
@@ -78,6 +110,9 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
             continue
         total["inputs_ok"] += 1
         total["clips"] += r["clips"]
+        if not r["clips"]:  # --split-scenes: every shot shorter than a clip
+            clips_per_video[0] += 1
+            continue
         total["inputs_split"] += r["parts"] > 1
         clips_per_video[r["clips"]] += 1
         buckets[r["bucket"]]["videos"] += 1
@@ -87,6 +122,8 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
     return {**total, "clips_per_video": dict(sorted(clips_per_video.items())), "buckets": dict(buckets),
             "latent_bytes": latent_bytes, "rows_per_file": None, "problems": dict(problems.most_common()),
             "problem_examples": dict(examples),
+            **({"shots_per_video": dict(sorted(shots_per_video.items())),
+                "shot_frames": dict(sorted(shot_frames.items()))} if cfg.split_scenes else {}),
             "gpu_hours": round(total["clips"] / rate / 3600, 3) if rate else None,
             "clips_per_s_per_gpu": rate, "rate_from": rate_source}
 
@@ -125,6 +162,10 @@ def plan_command(cfg: Config, info: ModelInfo, clips_per_s: float | None, as_jso
     for bucket, b in sorted(result["buckets"].items()):
         print(f"  bucket {bucket:<9} {b['videos']} videos, {b['clips']} clips")
     print(f"  clips per video {result['clips_per_video']}")
+    if cfg.split_scenes:
+        print(f"  shots          {result.get('shots', 0)} ({result.get('short_shots', 0)} shorter than a clip); "
+              f"{result.get('clips_lost', 0)} clips fewer than without --split-scenes")
+        print(f"  shots per video {result['shots_per_video']}")
     print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype})")
     for problem, n in result["problems"].items():
         print(f"  will fail      {n:>6}  {problem}  e.g. {', '.join(result['problem_examples'][problem][:2])}")
