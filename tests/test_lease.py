@@ -137,7 +137,7 @@ def test_a_run_whose_lease_was_taken_over_does_not_mark_output_complete_and_a_st
             first.kill()
         hooks.close()
     line = _failed_line(first.output())
-    assert f"was taken over by run other-run on elsewhere (pid 4242, since " in line, line
+    assert "was taken over by run other-run on elsewhere (pid 4242, since " in line, line
     assert f"while this run (run {ours['run_id']}) was writing" in line, line
     assert output.read("_SUCCESS") is None
     assert output.read(lease.NAME) == other  # not ours to give back

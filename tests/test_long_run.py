@@ -1,7 +1,6 @@
 """What a long cluster run meets and a laptop never shows: consumers that do not pull, decoders
 that kill their worker, bookkeeping left by a replaced job, and failures whose class is the
 environment's, not the input's. Each fault is reached through the real code path."""
-import json
 import os
 import time
 

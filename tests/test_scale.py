@@ -282,8 +282,6 @@ def test_plan_predicts_the_clips_encode_cuts(ray_local, tiny_vae, tmp_path, caps
     """From headers alone: the same clips per video as encoding, the same failures, the parts."""
     import json
 
-    from tests.test_hostile_inputs import _truncated
-
     videos = tmp_path / "in"
     for i, clips in enumerate([1, 2, 3, 7]):
         samples.write_video(str(videos / f"v{i}.mp4"), samples.synthetic_frames(clips * NUM_FRAMES + i, HEIGHT, WIDTH, i))
