@@ -100,15 +100,9 @@ def _memory_format(cfg: Config) -> str | None:
 
 def versions() -> dict:
     """{package: version} of PACKAGES as installed where the driver runs (None: not installed)."""
-    from importlib import metadata
+    from pipeline.sink import installed_versions
 
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return installed_versions(PACKAGES)
 
 
 def _minor(version: str | None) -> str | None:

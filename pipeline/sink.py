@@ -23,9 +23,10 @@ from pipeline.schema import (AUDIO_LATENTS, CAPTION, CLIP_COLUMNS, ENCODER_COLUM
 _VERSIONED = ("video-latents", "torch", "diffusers", "av", "ray", "pyarrow", "numpy")
 
 
-def _versions() -> dict:
+def installed_versions(names=_VERSIONED) -> dict:
+    """{package: version} as installed in this process's environment (None: not installed)."""
     out = {}
-    for name in _VERSIONED:
+    for name in names:
         try:
             out[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
@@ -53,7 +54,7 @@ def dataset_metadata(cfg: Config, info: ModelInfo, job: dict | None = None) -> s
         "resize": cfg.resize,
         "job_fingerprint": cfg.job_fingerprint,
         "job": job["identity"] if job else None,
-        "versions": _versions(),
+        "versions": installed_versions(),
         **({"text_encoder": info.text.metadata(text_dtype(cfg))} if cfg.text_embeddings and info.text else {}),
         **({"image_latents": image_latents_metadata(info)} if cfg.image_latents else {}),
         **({"audio_latents": info.audio.metadata(cfg.num_frames, cfg.fps)} if cfg.audio_latents and info.audio else {}),
