@@ -153,3 +153,37 @@ def test_limits_give_one_error_row(video_20, tmp_path, limit, stage, error_type,
     (row,) = pq.read_table(os.path.join(cfg.output, "errors")).to_pylist()
     assert (row["stage"], row["error_type"]) == (stage, error_type) and flag in row["message"]
     assert list(decode.decode_clips({"source_uri": video_20, "size": 100}, cfg_for(tmp_path))) != []
+
+
+def _negative_start_video(path: str, frames: int, shift: int) -> None:
+    """A Matroska video whose first ``shift`` frames have negative times (as an edit list or a
+    B-frame delay leaves them): packets muxed ``shift`` frames early with FFmpeg's
+    avoid_negative_ts off, so the stream keeps them."""
+    from fractions import Fraction
+
+    with av.open(path, "w", format="matroska", options={"avoid_negative_ts": "disabled"}) as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 10)
+        packets = []
+        for i, rgb in enumerate(samples.synthetic_frames(frames, HEIGHT, WIDTH, 3)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            packets += s.encode(frame)
+        packets += s.encode()
+        for p in packets:
+            p.pts, p.dts = p.pts - shift, p.dts - shift
+            c.mux(p)
+
+
+def test_a_stream_whose_first_frame_has_a_negative_time_starts_at_frame_0(tmp_path):
+    """Clip numbering starts at the first frame, never below 0 (a negative start_frame made
+    musubi's name parser fail for the whole dataset: `_-0001-009_`)."""
+    path = str(tmp_path / "neg.mkv")
+    _negative_start_video(path, 2 * NUM_FRAMES, shift=3)
+    with av.open(path) as c:
+        assert next(c.decode(video=0)).time == pytest.approx(-0.3)  # the stream really starts below 0
+    with av.open(path) as c:
+        clips = [row for _cid, row in decode.iter_clips(c, path, cfg_for(tmp_path))]
+    assert [r["start_frame"] for r in clips] == [0, NUM_FRAMES]
+    assert clips[0]["clip_id"] == decode.clip_id(path, 0, cfg_for(tmp_path))
