@@ -1,5 +1,5 @@
 """--split-scenes: decode time with shot detection against without, and the content scores the
-default threshold (27) and minimum shot length (15) were chosen from. Never run as a test.
+defaults (--scene-threshold 3.0, --min-shot-frames 15) were chosen from. Never run as a test.
 
   python -m bench.scenes [--frames 240] [--sizes 1080x1920,720x1280,360x640]   (or python -m bench ... --scenes)
 
