@@ -238,7 +238,8 @@ def test_cpu_fallback_runs_every_section(tmp_path):
     assert {name: s["status"] for name, s in sections.items()} == {name: "ok" for name in SECTIONS}, sections
     assert all(isinstance(s["seconds"], float) for s in sections.values())
     families = sections["family_correctness"]["result"]["families"]
-    assert set(families) == {"CogVideoX", "HunyuanVideo", "Wan2.1", "Wan2.2", "LTX-Video", "Mochi"}
+    assert set(families) == {"CogVideoX", "HunyuanVideo", "Wan2.1", "Wan2.2", "LTX-Video", "Mochi", "HunyuanVideo1.5",
+                             "LTX-2"}
     for family in families.values():
         assert set(family["rel_l2"]) == {"float32", "bfloat16"} and family["rel_l2"]["float32"] < 1e-6
     assert set(sections["encoder_path"]["result"]["rel_l2"]) == {"float32", "bfloat16"}

@@ -642,7 +642,7 @@ def test_rerun_replaces_only_its_own_files(models, tmp_path, capsys):
     assert (tmp_path / "dest" / "mine_00000-009_0064x0064_wan.safetensors").exists()
 
 
-def test_interrupted_finetrainers_rerun_is_never_trained_on(models, tmp_path, capsys):
+def test_interrupted_finetrainers_rerun_is_never_trained_on(models, tmp_path, capsys, monkeypatch):
     """A rerun over fewer, other clips killed after its first item: finetrainers' command refuses
     to start (no dataset config) instead of pairing old conditions with new latents; the next rerun
     leaves exactly the new pairs."""
@@ -664,12 +664,13 @@ def test_interrupted_finetrainers_rerun_is_never_trained_on(models, tmp_path, ca
     hooks = Hooks()
     try:
         hooks.arm("export-item", "raise", first=2, fault={"type": "OSError", "errno": 5})
-        os.environ.update(hooks.env)
+        for name, value in hooks.env.items():  # restored afterwards: later tests' hooks need the session's
+            monkeypatch.setenv(name, value)
         with pytest.raises(OSError):
             ex.export_command(str(tmp_path / "out"), str(tmp_path / "dest"), "finetrainers", None)
         assert hooks.arrivals("export-item") == 2
     finally:
-        os.environ.pop("VIDEO_LATENTS_TEST_HOOKS", None)
+        monkeypatch.undo()
         hooks.close()
     assert not (tmp_path / "dest" / "finetrainers-dataset.json").exists()  # finetrainers will not start
     assert _export(tmp_path / "out", tmp_path / "dest", "finetrainers", capsys)[0] == 0
