@@ -74,13 +74,22 @@ def output(request, tmp_path):
     return Output(request.param, tmp_path, request)
 
 
-def _blocked_first_run(one_video, tiny_vae, output) -> tuple[Driver, Hooks]:
+def _other_run() -> dict:
+    """A live lease of another run, as that run (or a person) writes it."""
+    now = time.time()
+    return {"run_id": "other-run", "host": "elsewhere", "pid": 4242, "taken_at": now, "heartbeat_at": now}
+
+
+def _blocked_first_run(one_video, tiny_vae, output, args=(), env=None, also=()) -> tuple[Driver, Hooks]:
     """The first run in its own process, blocked in its first encoder call until the test lets
     go (``hooks.release("go")``), its input's marker committed: OUTPUT holds still."""
     hooks = Hooks()
     hooks.arm("marker", "signal")
     hooks.arm("encode", "barrier", first=1, last=1, on="go", count=1)
-    driver = Driver(["encode", one_video, output.uri, "--model", tiny_vae, *SHAPE, *output.args], hooks)
+    for point in also:
+        hooks.arm(point, "signal")
+    driver = Driver(["encode", one_video, output.uri, "--model", tiny_vae, *SHAPE, *output.args, *args], hooks,
+                    env=env)
     hooks.wait("encode", "marker", proc=driver.proc, log=driver.log)
     return driver, hooks
 
@@ -127,8 +136,7 @@ def test_a_run_whose_lease_was_taken_over_does_not_mark_output_complete_and_a_st
     first, hooks = _blocked_first_run(one_video, tiny_vae, output)
     try:
         ours = output.read(lease.NAME)
-        now = time.time()
-        other = {"run_id": "other-run", "host": "elsewhere", "pid": 4242, "taken_at": now, "heartbeat_at": now}
+        other = _other_run()
         output.write_lease(other)  # another run took OUTPUT while the first was encoding
         hooks.release("go")
         assert first.wait() == 1, first.output()[-3000:]
@@ -186,18 +194,12 @@ def test_a_run_whose_lease_is_taken_mid_run_stops_at_its_next_report(tiny_vae, t
     every clip and found out only before _SUCCESS)."""
     videos = tmp_path / "in"
     samples.write_video(str(videos / "a.mp4"), samples.synthetic_frames(3 * NUM_FRAMES, HEIGHT, WIDTH, 1))
-    out = str(tmp_path / "out")
-    hooks = Hooks()
-    hooks.arm("marker", "signal")
-    hooks.arm("encode", "barrier", first=1, last=1, on="go", count=1)
-    hooks.arm("lease-lost", "signal")
-    first = Driver(["encode", str(videos), out, "--model", tiny_vae, *SHAPE, "--batch-size", "1"], hooks,
-                   env={"VIDEO_LATENTS_LEASE_HEARTBEAT_S": "0.2"})  # the heartbeat's pace, not a decision point
+    output = Output("local", tmp_path, None)
+    out = output.uri
+    first, hooks = _blocked_first_run(str(videos), tiny_vae, output, args=["--batch-size", "1"], also=["lease-lost"],
+                                      env={"VIDEO_LATENTS_LEASE_HEARTBEAT_S": "0.2"})  # its pace, not a decision point
     try:
-        hooks.wait("encode", "marker", proc=first.proc, log=first.log)
-        now = time.time()
-        Output("local", tmp_path, None).write_lease(
-            {"run_id": "other-run", "host": "elsewhere", "pid": 4242, "taken_at": now, "heartbeat_at": now})
+        output.write_lease(_other_run())
         hooks.wait("lease-lost", proc=first.proc, log=first.log)
         hooks.release("go")
         assert first.wait() == 1, first.output()[-3000:]
