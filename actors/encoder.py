@@ -39,7 +39,25 @@ def load_vae(cfg: Config, info: ModelInfo, device: str | None = None):
         vae.enable_tiling()
     if cfg.slicing or info.one_clip_per_call:
         vae.enable_slicing()
+    keep_input_precision(vae, getattr(torch, cfg.dtype))
     return vae.to(device or cfg.device).eval().requires_grad_(False)
+
+
+def keep_input_precision(vae, dtype) -> list:
+    """Mochi's encoder begins with Fourier features: sin and cos of the pixels times up to
+    2**7 * 2 pi (about 804). diffusers' ``FourierFeatures`` computes them in float32, but from its
+    input, and a bfloat16 input (8 significant bits) is off there by up to about 1.6 rad: the
+    features are noise and the latents 0.68 away from float32's (relative L2; the first GPU run,
+    bench/results/gpu-h200-2026-12-04.json; 0.89 on the CPU). So, when the VAE computes in less
+    than float32, its input stays float32 (the encoder reads ``vae.input_dtype``) and the
+    features are cast to the compute dtype after they are made; then bfloat16 is as close as
+    the other families' (0.021 on the CPU). Returns the hooks' handles (none without such a layer)."""
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl_mochi import FourierFeatures
+
+    layers = [m for m in vae.modules() if isinstance(m, FourierFeatures)]
+    vae.input_dtype = torch.float32 if layers else dtype
+    return [layer.register_forward_hook(lambda _m, _inputs, out: out.to(dtype)) for layer in layers]
 
 
 def load_audio_vae(cfg: Config, info: ModelInfo, device: str | None = None):
@@ -144,7 +162,7 @@ class VAEEncoder:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         # uint8 -> [-1, 1] in float32 first (as the reference does), then the compute dtype.
-        x = x.to(torch.float32).div_(127.5).sub_(1.0).to(self.dtype)
+        x = x.to(torch.float32).div_(127.5).sub_(1.0).to(self.vae.input_dtype)
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     def _fit_batch(self) -> int:

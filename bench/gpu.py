@@ -375,9 +375,12 @@ class PartialFailure(Exception):
 
 def family_errors(class_name: str, overrides: dict, device: str) -> dict:
     """Encode the same clips with the same random weights: fp32 on the CPU (the reference), then
-    fp32 and bf16 on the device; relative L2 error of each against the reference."""
+    fp32 and bf16 on the device, as the encoder loads the VAE (``keep_input_precision``); relative
+    L2 error of each against the reference."""
     import diffusers
     import torch
+
+    from actors.encoder import keep_input_precision
 
     torch.manual_seed(0)
     vae = getattr(diffusers, class_name)(**overrides).eval().requires_grad_(False)
@@ -393,11 +396,14 @@ def family_errors(class_name: str, overrides: dict, device: str) -> dict:
     vae.to(device)
     for dtype in (torch.float32, torch.bfloat16):
         vae.to(dtype)
-        latents = _encode_raw(vae, x.to(device, dtype))
+        hooks = keep_input_precision(vae, dtype)  # as the encoder loads it (Mochi's input stays float32)
+        latents = _encode_raw(vae, x.to(device, vae.input_dtype))
         errors[str(dtype).removeprefix("torch.")] = rel_l2(latents, reference)
         if device == "cuda" and dtype == torch.float32:  # float32 as above is what the encoder gets
             # (TF32 convolutions, cuDNN's default); this one is float32 throughout
             errors["float32_no_tf32"] = rel_l2(_without_tf32(lambda: _encode_raw(vae, x.to(device, dtype))), reference)
+        for hook in hooks:
+            hook.remove()
     return {"class": class_name, "overrides": dict(overrides),
             "params_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 1),
             "clip_shape": [frames, size, size], "latent_shape": list(reference.shape[1:]),

@@ -21,10 +21,12 @@ UNBOUNDED_GPUS = 64
 # Where `ray up` leaves the cluster's config on the head node (the driver runs there under
 # `ray submit` and `ray job submit`).
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-# Families whose latents lose too much in bfloat16 (relative L2 error against float32 measured
-# in bench/gpu.py): float32 stays their default on CUDA too. Mochi's first layer multiplies pixels
-# by up to ~800 before sin/cos, which bfloat16 cannot resolve; diffusers' own Wan examples load
-# that VAE in float32.
+# Families whose VAE runs in float32 by default on CUDA too. Mochi's first layer multiplies pixels
+# by up to ~800 before sin/cos, which a bfloat16 input cannot resolve (0.68 relative L2 against
+# float32 on the first GPU run, bench/results/gpu-h200-2026-12-04.json); an explicit --dtype
+# bfloat16 now keeps that input float32 (actors.encoder.keep_input_precision), but that path has
+# not run on a GPU yet. diffusers' own Wan examples load that VAE in float32 (its bfloat16 was
+# 0.015 from float32 on the GPU run, as close as the other families').
 FLOAT32_FAMILIES = ("AutoencoderKLMochi", "AutoencoderKLWan")
 
 
