@@ -310,3 +310,29 @@ def test_plan_predicts_the_clips_encode_cuts(ray_local, tiny_vae, tmp_path, caps
     assert plan["gpu_hours"] == round(15 / 2 / 3600, 3)
     assert plan["latent_bytes"] == sum(3 * 4 * (h // 8) * (w // 8) * 2 for h, w in
                                        [(r["height"], r["width"]) for r in latents])
+
+
+def test_plan_reads_the_gpu_benchmarks_own_report(tmp_path):
+    """plan's GPU-hours come from bench.gpu's JSON as it writes it: the H200 run committed in
+    bench/results/ (its pipeline steady state, scaled by clip size); a CPU fallback report, even a
+    newer one, is no GPU figure. (The reader once looked for keys bench.gpu never wrote, and
+    estimated nothing from a real result.)"""
+    import json
+    import shutil
+
+    from pipeline.commands.plan import _measured_rate
+    from pipeline.config import Config
+
+    committed = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bench", "results", "gpu-h200-2026-12-04.json")
+    shutil.copy(committed, tmp_path / "gpu-h200-2026-12-04.json")
+    (tmp_path / "gpu-zz-cpu.json").write_text(json.dumps(
+        {"device_name": "cpu", "cpu_fallback": True, "pipeline_steady_clips_per_s": 9.0,
+         "workload": {"clip_shape": [9, 64, 64]}}))
+    with open(committed) as f:
+        measured = json.load(f)
+    cfg = Config(input="-", output="-", model="-", num_frames=49, height=480, width=720)
+    rate, source = _measured_rate(cfg, None, str(tmp_path))
+    assert rate == measured["pipeline_steady_clips_per_s"] and "H200" in source and "steady" in source
+    half, _ = _measured_rate(cfg.replace(height=240), None, str(tmp_path))
+    assert half == pytest.approx(2 * rate)

@@ -133,19 +133,27 @@ def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str) -> int:
     return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info)
 
 
-def _measured_rate(cfg: Config, info: ModelInfo) -> tuple[float | None, str]:
-    """Clips/s per GPU from the GPU benchmark's results, scaled by the clip's size against the
-    benchmark's (encode work grows with frames x height x width): a rough estimate."""
-    results = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "bench", "results")
+def _measured_rate(cfg: Config, info: ModelInfo, results: str | None = None) -> tuple[float | None, str]:
+    """Clips/s per GPU from the newest GPU benchmark result (``bench.gpu``'s JSON in bench/results/):
+    the pipeline's steady state there (else the isolated encode), scaled by the clip's size against
+    the benchmark's (encode work grows with frames x height x width). A rough estimate: measured
+    with the benchmark's model and dtype, which the message names."""
+    results = results or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "results")
     for path in sorted(glob.glob(os.path.join(results, "gpu-*.json")), reverse=True):
         with open(path) as f:
             result = json.load(f)
-        measured = (result.get("isolated") or {}).get("isolated_clips_per_s")
-        shape = (result.get("isolated") or {}).get("clip_shape")
-        if measured and shape and result.get("device_name") not in (None, "cpu"):
+        if result.get("device_name") in (None, "cpu") or result.get("cpu_fallback"):
+            continue
+        steady, isolated = result.get("pipeline_steady_clips_per_s"), result.get("isolated_clips_per_s")
+        shape = (result.get("workload") or {}).get("clip_shape")
+        if (steady or isolated) and shape:
             scale = math.prod(shape) / (cfg.num_frames * cfg.height * cfg.width)
-            return measured * scale, f"{os.path.basename(path)} ({result['device_name']}), scaled to this clip size"
+            what = "the pipeline's steady state" if steady else "the isolated encode"
+            model = (result.get("workload") or {}).get("model", "its model")
+            return (steady or isolated) * scale, (
+                f"{os.path.basename(path)}: {what} on an {result['device_name']} with {model}, "
+                f"{'x'.join(map(str, shape))} clips, scaled to this clip size")
     return None, "no GPU benchmark result in bench/results/: pass --clips-per-s for an estimate"
 
 
