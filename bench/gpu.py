@@ -20,11 +20,12 @@ short still leaves what it measured.
                       first encoded clip to the last, start-up excluded) against the isolated encode
   naive               bench.harness.naive_loop: the naive script, in a fresh process
   levers              issue 11's levers that are a switch, each flipped in the isolated encode and
-                      measured back to back with the default, twice each (A B A B): clips/s, and
-                      rel-L2 of the first batch's latents against the default's, with the default's
-                      own rerun as the noise floor (cudnn.benchmark may pick other algorithms): the
-                      memory format (--memory-format; auto keeps contiguous on CUDA, where this
-                      measured channels_last_3d at 0.65x on an H200, and channels_last_3d on the CPU)
+                      measured back to back with the default, twice each (A B A B): the batch size
+                      (1, 2, 4 on CUDA: clips/s, peak memory, and the batch the encoder's memory
+                      search picks, the CLI's default there); the memory format on the CPU (clips/s
+                      and the latents' rel-L2 against the default's, the default's own rerun as the
+                      noise floor); on CUDA the first GPU run measured channels_last_3d at 0.65x
+                      contiguous on an H200, so auto keeps contiguous there and it is not rerun
   sweep               pipeline clips/s against batch size and actors per GPU (two actors take 0.5 GPU
                       each); last, as it takes what is left of the budget
 
@@ -57,6 +58,8 @@ DEFAULT_BUDGET_S = 480.0  # a GPU lease is 15 minutes, machine start and install
 WORKLOAD = {("cuda", False): (4, 3), ("cuda", True): (2, 2), ("cpu", False): (3, 2), ("cpu", True): (2, 2)}
 # Sweep points: batch sizes, and actors sharing the GPU (CPU: one actor; the pipeline keeps a CPU
 # for decoding, so a second CPU actor would be capped away on a small machine anyway).
+# The levers section's batch sizes (the isolated encode, interleaved, twice each).
+LEVER_BATCHES = {"cuda": (1, 2, 4), "cpu": (1, 2)}
 SWEEP = {("cuda", False): ((1, 2, 4), (1, 2)), ("cuda", True): ((1, 2), (1, 2)),
          ("cpu", False): ((1, 2), (1,)), ("cpu", True): ((1, 2), (1,))}
 # Clips per family in the correctness check, and the smallest spatial size encoded (rounded up to
@@ -526,11 +529,21 @@ def section_sweep(run: Run) -> dict:
 
 
 def section_levers(run: Run) -> dict:
-    """Each switchable lever flipped, one at a time, in the isolated encode (same clips, batch size
-    and dtype as the isolated section), measured back to back with the default: A B A B, so the
-    machine's drift falls on both. Clips/s of each, and how far the lever's latents are from the
-    default's (the first batch, rel-L2), beside the default's distance from its own rerun."""
+    """Each switchable lever flipped, one at a time, in the isolated encode (same clips and dtype as
+    the isolated section), measured back to back with the default, A B A B (A B C A B C), so the
+    machine's drift falls on all. Clips/s of each, and for the memory format how far its latents are
+    from the default's (the first batch, rel-L2), beside the default's distance from its own rerun.
+
+    batch_size: the isolated encode at each of LEVER_BATCHES, with its peak GPU memory, beside the
+    batch the encoder's own search picks on this device (``VAEEncoder._fit_batch``: the largest that
+    fits, the CLI's default on CUDA). memory_format: on the CPU only now; on CUDA it was measured on
+    the first GPU run (channels_last_3d 0.65x contiguous on an H200, bench/results/gpu-h200-2026-12-04.json)."""
     w = run.workload()
+    out = {"clip_shape": list(w.clip_shape), "batch_size": _batch_lever(w, run)}
+    if run.device == "cuda":
+        out["memory_format"] = {"skipped": "measured on CUDA on 2026-12-04 (channels_last_3d 0.65x "
+                                           "contiguous, H200): bench/results/gpu-h200-2026-12-04.json"}
+        return out
     default = auto_memory_format(run.device)
     other = "contiguous" if default == "channels_last_3d" else "channels_last_3d"
     runs = {default: [], other: []}
@@ -539,12 +552,42 @@ def section_levers(run: Run) -> dict:
         release_memory(run.device)
     speed = {fmt: round(statistics.median(r["isolated_clips_per_s"] for r in rs), 4) for fmt, rs in runs.items()}
     base = runs[default][0]["first_latents"]
-    got = {"default": default, "tried": other, "runs_each": 2,
-           "default_clips_per_s": speed[default], "tried_clips_per_s": speed[other],
-           "vs_default": _ratio(speed[other], speed[default]),
-           "rel_l2_vs_default": rel_l2(runs[other][0]["first_latents"], base),
-           "rel_l2_default_rerun": rel_l2(runs[default][1]["first_latents"], base)}
-    return {"batch_size": run.batch_size, "clip_shape": list(w.clip_shape), "memory_format": got}
+    out["memory_format"] = {
+        "default": default, "tried": other, "runs_each": 2, "batch_size": run.batch_size,
+        "default_clips_per_s": speed[default], "tried_clips_per_s": speed[other],
+        "vs_default": _ratio(speed[other], speed[default]),
+        "rel_l2_vs_default": rel_l2(runs[other][0]["first_latents"], base),
+        "rel_l2_default_rerun": rel_l2(runs[default][1]["first_latents"], base)}
+    return out
+
+
+def _batch_lever(w, run: Run) -> dict:
+    sizes = LEVER_BATCHES[run.device]
+    runs = {bs: [] for bs in sizes}
+    for _ in range(2):
+        for bs in sizes:
+            runs[bs].append(isolated_encode(w, run.device, bs, lever_format=auto_memory_format(run.device)))
+            release_memory(run.device)
+    points = [{"batch_size": bs, "clips_per_s": round(statistics.median(r["isolated_clips_per_s"] for r in rs), 4),
+               "runs": [round(r["isolated_clips_per_s"], 4) for r in rs],
+               "peak_memory_gib": rs[-1].get("peak_memory_gib")} for bs, rs in runs.items()]
+    best = max(points, key=lambda p: p["clips_per_s"])["batch_size"]
+    return {"points": points, "best": best, "encoder_picks": fitted_batch(w, run.device)}
+
+
+def fitted_batch(w, device: str) -> int | None:
+    """The batch the encoder picks when --batch-size is not given (its memory search on CUDA)."""
+    if device != "cuda":
+        return None
+    from actors.encoder import VAEEncoder
+    from pipeline.config import validate
+
+    cfg, info = validate(harness()._config(w, device, os.path.join(w.root, "fit-out"), batch_size=None))
+    cfg = cfg.replace(dtype="bfloat16", num_actors=(1, 1), batch_size=None)
+    try:
+        return VAEEncoder(cfg, info).chunk
+    finally:
+        release_memory(device)
 
 
 def _ratio(a, b):

@@ -160,12 +160,18 @@ def isolated_encode(w: Workload, device: str, batch_size: int, dtype: str | None
     ids = [str(i) for i in range(len(clips))]
     first = enc.encode(frames[:batch_size], ids[:batch_size])  # warm-up (cudnn autotune, allocator)
     _sync(device)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(0, len(clips), batch_size):
         enc.encode(frames[i:i + batch_size], ids[i:i + batch_size])
     _sync(device)
     wall = time.perf_counter() - start
     result = {"isolated_clips_per_s": len(clips) / wall}
+    if device == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if keep_first:
         result["first_latents"] = first["latents"]
     if device == "cuda" and flops:

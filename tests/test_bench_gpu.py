@@ -254,6 +254,10 @@ def test_cpu_fallback_runs_every_section(tmp_path):
     assert all(p["clips_per_s"] > 0 for p in points)
     # The memory format flipped from the CPU's default: measured, and its latents compared with the
     # default's (oneDNN's channels-last and contiguous kernels agree to float32 rounding, then float16).
+    batch = sections["levers"]["result"]["batch_size"]
+    assert [p["batch_size"] for p in batch["points"]] == [1, 2] and batch["encoder_picks"] is None
+    assert all(p["clips_per_s"] > 0 and len(p["runs"]) == 2 for p in batch["points"])
+    assert batch["best"] in (1, 2)
     lever = sections["levers"]["result"]["memory_format"]
     assert (lever["default"], lever["tried"], lever["runs_each"]) == ("channels_last_3d", "contiguous", 2)
     assert lever["default_clips_per_s"] > 0 and lever["tried_clips_per_s"] > 0 and lever["vs_default"] > 0
