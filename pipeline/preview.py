@@ -55,7 +55,9 @@ def original_clip(row: dict, cfg: Config) -> np.ndarray:
 
 
 def reconstruct(vae, info, latents, latent_mode: str):
-    """[T, C, h, w] latents as stored -> uint8 [3, F, H, W] decoded by the VAE."""
+    """[T, C, h, w] latents as stored -> uint8 [3, F, H, W] decoded by the VAE, de-normalised as
+    the family's pipeline does before ``vae.decode`` (e.g. HunyuanVideo15Pipeline: z / scaling_factor;
+    LTX2Pipeline._denormalize_latents: z * latents_std / scaling_factor + latents_mean)."""
     import torch
 
     z = torch.as_tensor(latents, dtype=torch.float32).permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
@@ -68,8 +70,12 @@ def reconstruct(vae, info, latents, latent_mode: str):
             z = z + torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if info.shift_factor is not None:
             z = z + info.shift_factor
+    args = ()
+    if vae.config.get("timestep_conditioning"):  # LTX-Video 0.9.1+, LTX-2: the pipelines' default decode
+        # timestep 0.0, whose noise scale defaults to it, so no noise (pipeline_ltx2.py:963-964, 1637-1651)
+        args = (torch.zeros(1, device=vae.device, dtype=vae.dtype),)
     with torch.inference_mode():
-        x = vae.decode(z.to(vae.device, vae.dtype)).sample.float()[0]  # [3, F, H, W] in [-1, 1]
+        x = vae.decode(z.to(vae.device, vae.dtype), *args).sample.float()[0]  # [3, F, H, W] in [-1, 1]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
