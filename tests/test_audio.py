@@ -56,13 +56,13 @@ def _rising_tone(seconds: float) -> np.ndarray:
     return ((0.1 + 0.4 * t / seconds) * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
 
 
-def _video_with_tone(path: str, frames: int, tone: np.ndarray | None) -> str:
-    """An MKV: H.264 frames and, when given, the mono tone as float PCM (lossless) at RATE."""
+def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int = FPS) -> str:
+    """An MKV: H.264 frames at ``fps`` and, when given, the mono tone as float PCM (lossless) at RATE."""
     import av
 
     pixels = samples.synthetic_frames(frames, SIZE, SIZE)
     with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
+        stream = container.add_stream("libx264", rate=fps)
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
         stream.options = {"preset": "ultrafast"}
@@ -263,3 +263,29 @@ def test_preview_without_a_vocoder_says_so_and_writes_the_rest(audio_run, tmp_pa
     lines = [line for line in capsys.readouterr().out.splitlines() if "WAV" in line]
     assert lines == [f"preview: no WAV files: no vocoder/config.json in {model}"]
     assert sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path / "p")) == [".csv", ".mp4", ".png"]
+
+
+def test_plan_sizes_each_videos_audio_at_its_own_rate(ray_local, ltx2, tmp_path, capsys):
+    """A clip's audio spans num_frames / the video's rate: at 24 and 30 fps, the bytes plan gives
+    each clip are what the run writes for it."""
+    from pipeline.cli import main
+
+    videos = tmp_path / "in"
+    os.makedirs(videos)
+    for fps in (24, 30):
+        _video_with_tone(str(videos / f"v{fps}.mkv"), FRAMES, _rising_tone(FRAMES / fps), fps)
+    options = ["--model", ltx2, "--num-frames", FRAMES, "--height", SIZE, "--width", SIZE, "--dtype", "float32",
+               "--latent-dtype", "float32", "--audio-latents"]
+    assert main(["plan", str(videos), *map(str, options), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["encode", str(videos), str(tmp_path / "out"), *map(str, options)]) == 0
+
+    written = {}  # per video, the bytes of its clip's tensors
+    for path in glob.glob(str(tmp_path / "out" / "latents" / "**" / "*.parquet"), recursive=True):
+        table = pq.read_table(path)  # one file per audio length: their tensor types differ
+        for i, uri in enumerate(table.column("source_uri").to_pylist()):
+            written[os.path.basename(uri)] = sum(table.column(name).combine_chunks().to_numpy_ndarray()[i].nbytes
+                                                 for name in ("latents", AUDIO_LATENTS))
+    assert len(written) == 2 and written["v24.mkv"] != written["v30.mkv"]
+    assert plan["latent_bytes"] == sum(written.values())
+    assert plan["bytes_per_clip"] == [min(written.values()), max(written.values())]
