@@ -19,6 +19,7 @@ import torch
 import diffusers
 from actors.encoder import VAEEncoder
 from pipeline import decode, samples
+from pipeline.audio import inspect_audio
 from pipeline.config import Config, validate
 from pipeline.schema import AUDIO_LATENTS
 
@@ -289,3 +290,43 @@ def test_plan_sizes_each_videos_audio_at_its_own_rate(ray_local, ltx2, tmp_path,
     assert len(written) == 2 and written["v24.mkv"] != written["v30.mkv"]
     assert plan["latent_bytes"] == sum(written.values())
     assert plan["bytes_per_clip"] == [min(written.values()), max(written.values())]
+
+
+def _files(folder) -> dict:
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _dirs, files in os.walk(folder) for f in files}
+
+
+def test_the_cli_end_to_end_encodes_audio_records_a_silent_video_and_resumes(audio_run):
+    """--audio-latents through the CLI on its own Ray: the tone's clips carry the trainer's audio
+    latents, the video without audio is one final input error row, and a rerun finds both inputs
+    done (the error row too: it is not retried) and leaves every byte as it was."""
+    proc, out = audio_run["proc"], audio_run["out"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["videos"], summary["clips"], summary["errors"]) == (2, 2, 1)
+
+    errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
+    assert [(os.path.basename(e["source_uri"]), e["error_type"], e["error_class"], e["retryable"])
+            for e in errors] == [("silent.mkv", "NoAudioStream", "input", False)]
+
+    rows = sorted(_latent_rows(out), key=lambda r: r["start_frame"])
+    assert [(os.path.basename(r["source_uri"]), r["start_frame"]) for r in rows] == [("tone.mkv", 0),
+                                                                                    ("tone.mkv", FRAMES)]
+    n = int(FRAMES / FPS * RATE)
+    shape = inspect_audio(audio_run["model"]).latent_shape(FRAMES, FPS)
+    for k, row in enumerate(rows):
+        start = round(k * FRAMES / FPS * RATE)
+        expected = _reference(audio_run["model"], audio_run["tone"][None, start:start + n])
+        assert row[AUDIO_LATENTS].shape == expected.shape == shape
+        assert np.linalg.norm(row[AUDIO_LATENTS] - expected) / np.linalg.norm(expected) <= 1e-4
+
+    before = _files(out)
+    again = _encode(audio_run["args"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (resumed["clips_this_run"], resumed["videos_already_done"]) == (0, 2)
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k.startswith(("latents", "errors"))} == \
+        {k: v for k, v in before.items() if k.startswith(("latents", "errors"))}
+
