@@ -1,7 +1,6 @@
 """LTX-2's audio latents (--audio-latents) against the LTX-2 trainer's and pipeline's audio path, on
 a tone written into the test video with PyAV, with tiny random-weight diffusers models."""
 import glob
-import io
 import json
 import math
 import os

@@ -125,7 +125,8 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
     rate, rate_source = (clips_per_s, "--clips-per-s") if clips_per_s else _measured_rate(cfg, info)
     return {**total, "clips_per_video": dict(sorted(clips_per_video.items())), "buckets": dict(buckets),
             "latent_bytes": latent_bytes, "rows_per_file": None,
-            "bytes_per_clip": [min(per_clip.values()), max(per_clip.values())] if per_clip else None, "problems": dict(problems.most_common()),
+            "bytes_per_clip": [min(per_clip.values()), max(per_clip.values())] if per_clip else None,
+            "problems": dict(problems.most_common()),
             "problem_examples": dict(examples),
             **({"shots_per_video": dict(sorted(shots_per_video.items())),
                 "shot_frames": dict(sorted(shot_frames.items()))} if cfg.split_scenes else {}),
@@ -171,9 +172,9 @@ def plan_command(cfg: Config, info: ModelInfo, clips_per_s: float | None, as_jso
         print(f"  shots          {result.get('shots', 0)} ({result.get('short_shots', 0)} shorter than a clip); "
               f"{result.get('clips_lost', 0)} clips fewer than without --split-scenes")
         print(f"  shots per video {result['shots_per_video']}")
-    low, high = result["bytes_per_clip"] or (0, 0)
-    print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype}), "
-          f"{low if low == high else f'{low}-{high}'} bytes per clip")
+    low, high = result["bytes_per_clip"] or (None, None)
+    per_clip = "" if low is None else f", {low if low == high else f'{low}-{high}'} bytes per clip"
+    print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype}){per_clip}")
     for problem, n in result["problems"].items():
         print(f"  will fail      {n:>6}  {problem}  e.g. {', '.join(result['problem_examples'][problem][:2])}")
     hours = f"{result['gpu_hours']} GPU-hours" if result["gpu_hours"] is not None else "GPU-hours unknown"
