@@ -10,7 +10,9 @@ torchaudio build exists for our torch); the latents are then normalised as
 """
 from __future__ import annotations
 
+import io
 import math
+import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +21,10 @@ from pipeline.failures import InputError
 
 AUDIO_SUBFOLDER = "audio_vae"
 AUDIO_CLASSES = ("AutoencoderKLLTX2Audio",)
+# preview: mel spectrogram -> sound, the LTX2Pipeline component ``vocoder`` (diffusers 0.42.1,
+# pipeline_ltx2.py:250; classes in pipelines/ltx2/vocoder.py), in ``vocoder/`` of a diffusers folder
+VOCODER_SUBFOLDER = "vocoder"
+VOCODER_CLASSES = ("LTX2Vocoder", "LTX2VocoderWithBWE")
 # The STFT size is not in diffusers' config; the trainer's default (ltx_core
 # model_configurator.py:158, ``filter_length`` 1024), as diffusers' Echo encoder uses it too.
 N_FFT = 1024
@@ -233,3 +239,54 @@ def denormalize(z, vae):
     b, c, length, m = z.shape
     return z * vae.latents_std.to(z.device, z.dtype).view(1, c, 1, m) \
         + vae.latents_mean.to(z.device, z.dtype).view(1, c, 1, m)
+
+
+def load_vocoder(source: str, s3=None, revision: str | None = None, device: str = "cpu",
+                 allow_pickle: bool = False):
+    """The model's vocoder (``vocoder/`` beside ``audio_vae/``), in float32; or, when the folder
+    has none or an unknown one, a one-line reason (str) why no sound can be made."""
+    import importlib
+
+    import torch
+
+    from pipeline.model import _read_config_file, fetch_folder, folder_files
+
+    config = _read_config_file(source, VOCODER_SUBFOLDER, s3, revision)
+    if config is None:
+        return f"no {VOCODER_SUBFOLDER}/config.json in {source}"
+    name = config.get("_class_name", "")
+    if name not in VOCODER_CLASSES:
+        return f"{name or 'unknown class'} in {VOCODER_SUBFOLDER}/ is not a supported vocoder " \
+               f"(supported: {', '.join(VOCODER_CLASSES)})"
+    cls = getattr(importlib.import_module("diffusers.pipelines.ltx2.vocoder"), name)
+    folder = fetch_folder(source, VOCODER_SUBFOLDER, folder_files(source, VOCODER_SUBFOLDER, s3), s3)
+    vocoder = cls.from_pretrained(folder, revision=revision, subfolder=VOCODER_SUBFOLDER, torch_dtype=torch.float32,
+                                  use_safetensors=None if allow_pickle else True)
+    return vocoder.to(device).eval().requires_grad_(False)
+
+
+def decode_audio(latents, audio_vae, vocoder) -> np.ndarray:
+    """Stored audio latents [C, L, M] -> float32 sound [channels, n] at the vocoder's
+    ``output_sampling_rate``, as LTX2Pipeline turns its audio latents into sound (diffusers
+    0.42.1, pipeline_ltx2.py:1623-1626 de-normalise and unpack, 1662-1664 audio VAE decode to a
+    mel spectrogram, then the vocoder)."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(latents), dtype=torch.float32)[None].to(audio_vae.device)
+    with torch.inference_mode():
+        mel = audio_vae.decode(denormalize(z, audio_vae), return_dict=False)[0]
+        sound = vocoder(mel.to(vocoder.device, vocoder.dtype))
+    return sound[0].float().cpu().numpy()
+
+
+def wav_bytes(sound: np.ndarray, rate: int) -> bytes:
+    """A 16-bit PCM WAV of float sound [channels, n], quantised as diffusers writes LTX-2's audio
+    (utils/export_utils.py:285-287: clip to [-1, 1], times 32767, cast to int16)."""
+    pcm = (np.clip(sound, -1.0, 1.0) * np.float32(32767.0)).astype("<i2")  # the cast truncates, as torch's
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(pcm.shape[0])
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes(np.ascontiguousarray(pcm.T).tobytes())  # interleaved frames
+    return out.getvalue()

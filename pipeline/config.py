@@ -168,16 +168,18 @@ ROW_GROUP_BYTES = 32 << 20
 AUDIO_PLAN_FPS = 24.0  # the frame rate an estimate of audio latents assumes without --fps
 
 
-def latent_bytes_per_row(cfg: Config, info: ModelInfo) -> int:
-    """Bytes of tensors in one output row (the largest bucket's, with --buckets)."""
+def latent_bytes_per_row(cfg: Config, info: ModelInfo, fps: float | None = None) -> int:
+    """Bytes of tensors in one output row (the largest bucket's, with --buckets). With
+    --audio-latents, a clip's audio spans num_frames / fps seconds: ``fps`` is the video's own
+    rate (plan knows it), else --fps, else AUDIO_PLAN_FPS."""
     sizes = cfg.buckets or ((cfg.height, cfg.width),)
     itemsize = 2 if cfg.latent_dtype == "float16" else 4
     tensors = 2 if cfg.latent_mode == "dist" else 1
     most = max(math.prod(info.latent_shape(cfg.num_frames, h, w)) for h, w in sizes)
     if cfg.image_latents:  # one more latent frame per tensor
         most += max(math.prod(info.latent_shape(1, h, w)) for h, w in sizes)
-    if cfg.audio_latents and info.audio:  # its length follows each video's rate: at --fps, else AUDIO_PLAN_FPS
-        most += math.prod(info.audio.latent_shape(cfg.num_frames, cfg.fps or AUDIO_PLAN_FPS))
+    if cfg.audio_latents and info.audio:
+        most += math.prod(info.audio.latent_shape(cfg.num_frames, cfg.fps or fps or AUDIO_PLAN_FPS))
     text = info.text.bytes_per_row(itemsize) if cfg.text_embeddings and info.text else 0
     return most * itemsize * tensors + text
 

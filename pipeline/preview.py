@@ -2,7 +2,9 @@
 
 For a sample of rows: decode the latents back through the VAE (undoing the normalisation the run
 applied), cut the same clip from the source again, and write side by side original/reconstruction
-PNG strips and mp4s, plus ``psnr.csv``. Written to OUTPUT/preview/ unless --out says otherwise.
+PNG strips and mp4s, plus ``psnr.csv``. An LTX-2 OUTPUT with ``audio_latents`` also gets each clip's
+sound back as a 16-bit WAV, through the model's audio VAE and vocoder (pipeline.audio.decode_audio).
+Written to OUTPUT/preview/ unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from pipeline import decode, layout, readers, samples, storage
 from pipeline.config import Config, ConfigError
 from pipeline.model import inspect_model
+from pipeline.schema import AUDIO_LATENTS
 
 STRIP_FRAMES = 4  # frames per PNG strip, evenly spaced through the clip
 
@@ -52,7 +55,9 @@ def original_clip(row: dict, cfg: Config) -> np.ndarray:
 
 
 def reconstruct(vae, info, latents, latent_mode: str):
-    """[T, C, h, w] latents as stored -> uint8 [3, F, H, W] decoded by the VAE."""
+    """[T, C, h, w] latents as stored -> uint8 [3, F, H, W] decoded by the VAE, de-normalised as
+    the family's pipeline does before ``vae.decode`` (e.g. HunyuanVideo15Pipeline: z / scaling_factor;
+    LTX2Pipeline._denormalize_latents: z * latents_std / scaling_factor + latents_mean)."""
     import torch
 
     z = torch.as_tensor(latents, dtype=torch.float32).permute(1, 0, 2, 3)[None]  # [1, C, T, h, w]
@@ -65,8 +70,12 @@ def reconstruct(vae, info, latents, latent_mode: str):
             z = z + torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if info.shift_factor is not None:
             z = z + info.shift_factor
+    args = ()
+    if vae.config.get("timestep_conditioning"):  # LTX-Video 0.9.1+, LTX-2: the pipelines' default decode
+        # timestep 0.0, whose noise scale defaults to it, so no noise (pipeline_ltx2.py:963-964, 1637-1651)
+        args = (torch.zeros(1, device=vae.device, dtype=vae.dtype),)
     with torch.inference_mode():
-        x = vae.decode(z.to(vae.device, vae.dtype)).sample.float()[0]  # [3, F, H, W] in [-1, 1]
+        x = vae.decode(z.to(vae.device, vae.dtype), *args).sample.float()[0]  # [3, F, H, W] in [-1, 1]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
@@ -87,6 +96,24 @@ def _put(uri: str, data: bytes, endpoint) -> None:
     storage.write_bytes_atomic(uri, data, endpoint)
 
 
+def _sound_models(job: Config, info, model: str, device: str):
+    """(audio VAE, vocoder) for an OUTPUT with audio latents, else None; a model folder without a
+    vocoder gets one line saying so, and the rest of the preview is written."""
+    import dataclasses
+
+    from actors.encoder import load_audio_vae
+    from pipeline.audio import inspect_audio, load_vocoder
+
+    if not job.audio_latents:
+        return None
+    vocoder = load_vocoder(model, job.s3, info.revision, device, job.allow_pickle)
+    if isinstance(vocoder, str):
+        print(f"preview: no WAV files: {vocoder}")
+        return None
+    info = dataclasses.replace(info, audio=inspect_audio(model, job.s3))
+    return load_audio_vae(job.replace(model=model, device=device), info), vocoder
+
+
 def preview(output: str, model: str, n: int = 8, out: str | None = None, s3_endpoint: str | None = None,
             device: str = "cpu") -> list[dict]:
     from PIL import Image
@@ -98,6 +125,7 @@ def preview(output: str, model: str, n: int = 8, out: str | None = None, s3_endp
     info = inspect_model(model, None, endpoint)
     vae = load_vae(job.replace(model=model, subfolder=info.subfolder, device=device, dtype="float32",
                                tiling=False, slicing=False), info)
+    sound_models = _sound_models(job, info, model, device)
     data = readers.LatentDataset(output, s3_endpoint=endpoint)
     order = sorted(range(len(data)), key=lambda i: data[i]["clip_id"])[:n]  # a stable sample
     target = out or storage.join(output, "preview")
@@ -118,6 +146,13 @@ def preview(output: str, model: str, n: int = 8, out: str | None = None, s3_endp
                                       fps=max(1, round(row["fps"] or 24)))
             with open(mp4, "rb") as fh:
                 _put(storage.join(target, f"{row['clip_id']}.mp4"), fh.read(), endpoint)
+        if sound_models and row.get(AUDIO_LATENTS) is not None:
+            from pipeline.audio import decode_audio, wav_bytes
+
+            audio_vae, vocoder = sound_models
+            sound = decode_audio(row[AUDIO_LATENTS], audio_vae, vocoder)
+            _put(storage.join(target, f"{row['clip_id']}.wav"),
+                 wav_bytes(sound, vocoder.config.output_sampling_rate), endpoint)
         results.append({"clip_id": row["clip_id"], "source_uri": row["source_uri"],
                         "start_frame": row["start_frame"], "psnr_db": round(score, 3)})
     lines = ["clip_id,source_uri,start_frame,psnr_db"] + [

@@ -1,8 +1,13 @@
 """LTX-2's audio latents (--audio-latents) against the LTX-2 trainer's and pipeline's audio path, on
 a tone written into the test video with PyAV, with tiny random-weight diffusers models."""
 import glob
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import wave
 from fractions import Fraction
 
 import numpy as np
@@ -13,14 +18,20 @@ import torch
 import diffusers
 from actors.encoder import VAEEncoder
 from pipeline import decode, samples
+from pipeline.audio import inspect_audio
 from pipeline.config import Config, validate
 from pipeline.schema import AUDIO_LATENTS
 
 RATE, HOP, MELS, FPS, FRAMES, SIZE = 16000, 160, 16, 24, 9, 64
 TONE_HZ = 437.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny LTX2Vocoder: mel frames (RATE / HOP a second) upsampled 4 x 4, so its output rate is 1600 Hz.
+VOCODER = dict(in_channels=2 * MELS, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[8, 8],
+               upsample_factors=[4, 4], resnet_kernel_sizes=[3], resnet_dilations=[[1]],
+               output_sampling_rate=RATE // HOP * 16)
 
 
-def _model(folder: str) -> str:
+def _model(folder: str, vocoder: bool = False) -> str:
     torch.manual_seed(0)
     video = diffusers.AutoencoderKLLTX2Video(
         latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 16, 32),
@@ -32,16 +43,26 @@ def _model(folder: str) -> str:
     audio.latents_mean.copy_(torch.linspace(-0.2, 0.3, 8))
     audio.latents_std.copy_(torch.linspace(0.6, 1.5, 8))
     audio.save_pretrained(os.path.join(folder, "audio_vae"))
+    if vocoder:  # LTX2Pipeline's vocoder component, in vocoder/ as a diffusers LTX-2 repository lays it out
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+        LTX2Vocoder(**VOCODER).save_pretrained(os.path.join(folder, "vocoder"))
     return folder
 
 
-def _video_with_tone(path: str, frames: int, tone: np.ndarray | None) -> str:
-    """An MKV: H.264 frames and, when given, the mono tone as float PCM (lossless) at RATE."""
+def _rising_tone(seconds: float) -> np.ndarray:
+    """A tone growing louder: each clip's span sounds different."""
+    t = np.arange(int(seconds * RATE) + 400) / RATE
+    return ((0.1 + 0.4 * t / seconds) * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+
+
+def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int = FPS) -> str:
+    """An MKV: H.264 frames at ``fps`` and, when given, the mono tone as float PCM (lossless) at RATE."""
     import av
 
     pixels = samples.synthetic_frames(frames, SIZE, SIZE)
     with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
+        stream = container.add_stream("libx264", rate=fps)
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
         stream.options = {"preset": "ultrafast"}
@@ -125,9 +146,7 @@ def _cfg(tmp_path, model, **kw) -> Config:
 
 def test_audio_latents_match_the_trainer_and_pipeline_on_a_tone(ltx2, tmp_path):
     os.makedirs(tmp_path / "in")
-    seconds = 2 * FRAMES / FPS
-    t = np.arange(int(seconds * RATE) + 400) / RATE  # a rising tone: each clip's span sounds different
-    tone = ((0.1 + 0.4 * t / seconds) * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+    tone = _rising_tone(2 * FRAMES / FPS)
     path = _video_with_tone(str(tmp_path / "in" / "tone.mkv"), 2 * FRAMES, tone)
     cfg, info = validate(_cfg(tmp_path, ltx2))
     assert cfg.audio_sample_rate == RATE
@@ -163,3 +182,150 @@ def test_audio_latents_are_part_of_the_jobs_identity(ltx2, tmp_path):
     with_audio = job.identity(*validate(_cfg(tmp_path, ltx2)))
     without = job.identity(*validate(_cfg(tmp_path, ltx2).replace(audio_latents=False)))
     assert with_audio["--audio-latents"] and without["--audio-latents"] is None
+
+
+def _encode(args) -> subprocess.CompletedProcess:
+    """The CLI in its own process, on its own local Ray, as a user runs it."""
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline", "encode", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory):
+    """One --audio-latents run through the CLI: a video with a tone (two clips) and one without audio."""
+    root = tmp_path_factory.mktemp("audio-run")
+    model = _model(str(root / "ltx2"), vocoder=True)
+    os.makedirs(root / "in")
+    tone = _rising_tone(2 * FRAMES / FPS)
+    _video_with_tone(str(root / "in" / "tone.mkv"), 2 * FRAMES, tone)
+    _video_with_tone(str(root / "in" / "silent.mkv"), FRAMES, None)
+    args = [root / "in", root / "out", "--model", model, "--num-frames", FRAMES, "--height", SIZE, "--width", SIZE,
+            "--dtype", "float32", "--latent-dtype", "float32", "--audio-latents"]
+    proc = _encode(args)
+    return {"root": root, "model": model, "out": str(root / "out"), "tone": tone, "args": args, "proc": proc}
+
+
+def _latent_rows(out: str) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(os.path.join(out, "latents"), format="parquet").to_table().sort_by("clip_id")
+    audio = table.column(AUDIO_LATENTS).combine_chunks().to_numpy_ndarray()
+    return [{**row, AUDIO_LATENTS: audio[i]} for i, row in
+            enumerate(table.drop_columns([AUDIO_LATENTS, "latents"]).to_pylist())]
+
+
+def _pipeline_sound(model: str, latents: np.ndarray) -> np.ndarray:
+    """int16 [channels, n]: LTX2Pipeline's own steps from stored (normalised) audio latents to sound
+    (diffusers 0.42.1 pipeline_ltx2.py:1623-1626: _denormalize_audio_latents on the packed latents,
+    _unpack_audio_latents; 1662-1664: audio_vae.decode, then the vocoder), quantised as diffusers
+    writes it (utils/export_utils.py:285-287)."""
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    audio_vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(model, subfolder="audio_vae").eval()
+    vocoder = LTX2Vocoder.from_pretrained(model, subfolder="vocoder").eval()
+    z = torch.tensor(latents)[None]
+    with torch.no_grad():
+        packed = LTX2Pipeline._denormalize_audio_latents(LTX2Pipeline._pack_audio_latents(z), audio_vae.latents_mean,
+                                                         audio_vae.latents_std)
+        unpacked = LTX2Pipeline._unpack_audio_latents(packed, z.shape[2], num_mel_bins=z.shape[3])
+        sound = vocoder(audio_vae.decode(unpacked, return_dict=False)[0])[0]
+    return (torch.clip(sound, -1.0, 1.0) * 32767.0).to(torch.int16).numpy()
+
+
+def test_preview_writes_each_clips_sound_as_the_pipeline_decodes_it(audio_run, capsys):
+    from pipeline.cli import main
+
+    assert audio_run["proc"].returncode == 0, audio_run["proc"].stderr[-3000:]
+    out = audio_run["out"]
+    assert main(["preview", out, "--model", audio_run["model"], "--n", "2"]) == 0
+    assert "no WAV" not in capsys.readouterr().out
+    rows = _latent_rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        expected = _pipeline_sound(audio_run["model"], row[AUDIO_LATENTS])
+        assert np.abs(expected).max() > 100  # the check below is not on near-silence
+        with wave.open(os.path.join(out, "preview", f"{row['clip_id']}.wav")) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (VOCODER["output_sampling_rate"], 2, 2)
+            assert w.getnframes() == expected.shape[1]
+            got = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, 2).T
+        assert np.abs(got.astype(np.int32) - expected).max() <= 1
+        assert os.path.exists(os.path.join(out, "preview", f"{row['clip_id']}.png"))
+
+
+def test_preview_without_a_vocoder_says_so_and_writes_the_rest(audio_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert audio_run["proc"].returncode == 0, audio_run["proc"].stderr[-3000:]
+    model = shutil.copytree(audio_run["model"], str(tmp_path / "m"), ignore=shutil.ignore_patterns("vocoder"))
+    assert main(["preview", audio_run["out"], "--model", model, "--n", "1", "--out", str(tmp_path / "p")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "WAV" in line]
+    assert lines == [f"preview: no WAV files: no vocoder/config.json in {model}"]
+    assert sorted(os.path.splitext(f)[1] for f in os.listdir(tmp_path / "p")) == [".csv", ".mp4", ".png"]
+
+
+def test_plan_sizes_each_videos_audio_at_its_own_rate(ray_local, ltx2, tmp_path, capsys):
+    """A clip's audio spans num_frames / the video's rate: at 24 and 30 fps, the bytes plan gives
+    each clip are what the run writes for it."""
+    from pipeline.cli import main
+
+    videos = tmp_path / "in"
+    os.makedirs(videos)
+    for fps in (24, 30):
+        _video_with_tone(str(videos / f"v{fps}.mkv"), FRAMES, _rising_tone(FRAMES / fps), fps)
+    options = ["--model", ltx2, "--num-frames", FRAMES, "--height", SIZE, "--width", SIZE, "--dtype", "float32",
+               "--latent-dtype", "float32", "--audio-latents"]
+    assert main(["plan", str(videos), *map(str, options), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["encode", str(videos), str(tmp_path / "out"), *map(str, options)]) == 0
+
+    written = {}  # per video, the bytes of its clip's tensors
+    for path in glob.glob(str(tmp_path / "out" / "latents" / "**" / "*.parquet"), recursive=True):
+        table = pq.read_table(path)  # one file per audio length: their tensor types differ
+        for i, uri in enumerate(table.column("source_uri").to_pylist()):
+            written[os.path.basename(uri)] = sum(table.column(name).combine_chunks().to_numpy_ndarray()[i].nbytes
+                                                 for name in ("latents", AUDIO_LATENTS))
+    assert len(written) == 2 and written["v24.mkv"] != written["v30.mkv"]
+    assert plan["latent_bytes"] == sum(written.values())
+    assert plan["bytes_per_clip"] == [min(written.values()), max(written.values())]
+
+
+def _files(folder) -> dict:
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _dirs, files in os.walk(folder) for f in files}
+
+
+def test_the_cli_end_to_end_encodes_audio_records_a_silent_video_and_resumes(audio_run):
+    """--audio-latents through the CLI on its own Ray: the tone's clips carry the trainer's audio
+    latents, the video without audio is one final input error row, and a rerun finds both inputs
+    done (the error row too: it is not retried) and leaves every byte as it was."""
+    proc, out = audio_run["proc"], audio_run["out"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["videos"], summary["clips"], summary["errors"]) == (2, 2, 1)
+
+    errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
+    assert [(os.path.basename(e["source_uri"]), e["error_type"], e["error_class"], e["retryable"])
+            for e in errors] == [("silent.mkv", "NoAudioStream", "input", False)]
+
+    rows = sorted(_latent_rows(out), key=lambda r: r["start_frame"])
+    assert [(os.path.basename(r["source_uri"]), r["start_frame"]) for r in rows] == [("tone.mkv", 0),
+                                                                                    ("tone.mkv", FRAMES)]
+    n = int(FRAMES / FPS * RATE)
+    shape = inspect_audio(audio_run["model"]).latent_shape(FRAMES, FPS)
+    for k, row in enumerate(rows):
+        start = round(k * FRAMES / FPS * RATE)
+        expected = _reference(audio_run["model"], audio_run["tone"][None, start:start + n])
+        assert row[AUDIO_LATENTS].shape == expected.shape == shape
+        assert np.linalg.norm(row[AUDIO_LATENTS] - expected) / np.linalg.norm(expected) <= 1e-4
+
+    before = _files(out)
+    again = _encode(audio_run["args"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (resumed["clips_this_run"], resumed["videos_already_done"]) == (0, 2)
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k.startswith(("latents", "errors"))} == \
+        {k: v for k, v in before.items() if k.startswith(("latents", "errors"))}
+

@@ -26,7 +26,7 @@ EXAMPLES = 5  # inputs named per problem
 def plan_row(row: dict, cfg: Config) -> dict:
     """Ray Data map step: one listed input's plan (or the error ``encode`` would record)."""
     out = {"source_uri": row["source_uri"], "clips": 0, "frames": 0, "bucket": None, "parts": 1, "problem": None,
-           "shots": 0, "short_shots": 0, "clips_lost": 0, "shot_frames": []}
+           "shots": 0, "short_shots": 0, "clips_lost": 0, "shot_frames": [], "fps": None}
     try:
         p = probe.probe(row, cfg)
     except Exception as e:  # noqa: BLE001 - recorded as encode would record it
@@ -58,7 +58,8 @@ def plan_row(row: dict, cfg: Config) -> dict:
     splits = (cfg.clips_per_task and not cfg.fps and span == (None, None) and p.constant_rate
               and clips > cfg.clips_per_task)
     return {**out, "clips": clips, "frames": frames, "bucket": f"{height}x{width}",
-            "parts": math.ceil(clips / cfg.clips_per_task) if splits else 1}
+            "parts": math.ceil(clips / cfg.clips_per_task) if splits else 1,
+            "fps": cfg.fps or p.fps}  # the rate its clips are cut at: a clip's audio spans num_frames / fps
 
 
 def _shots(row: dict, cfg: Config) -> list[int]:
@@ -91,6 +92,7 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
         .repartition(target_num_rows_per_block=PROBES_PER_TASK) \
         .map(plan_row, fn_kwargs={"cfg": cfg})
     clips_per_video, buckets, problems = Counter(), defaultdict(lambda: {"videos": 0, "clips": 0}), Counter()
+    clips_by_size = Counter()  # (bucket, fps) -> clips: the bytes of a row follow both
     examples = defaultdict(list)
     total = {"inputs": 0, "inputs_ok": 0, "clips": 0, "frames_to_decode": 0, "decode_tasks": 0, "inputs_split": 0}
     shots_per_video, shot_frames = Counter(), Counter()
@@ -117,10 +119,14 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
         clips_per_video[r["clips"]] += 1
         buckets[r["bucket"]]["videos"] += 1
         buckets[r["bucket"]]["clips"] += r["clips"]
-    latent_bytes = sum(b["clips"] * _bytes_per_clip(cfg, info, key) for key, b in buckets.items())
+        clips_by_size[(r["bucket"], r["fps"] if cfg.audio_latents else None)] += r["clips"]
+    per_clip = {size: _bytes_per_clip(cfg, info, *size) for size in clips_by_size}
+    latent_bytes = sum(n * per_clip[size] for size, n in clips_by_size.items())
     rate, rate_source = (clips_per_s, "--clips-per-s") if clips_per_s else _measured_rate(cfg, info)
     return {**total, "clips_per_video": dict(sorted(clips_per_video.items())), "buckets": dict(buckets),
-            "latent_bytes": latent_bytes, "rows_per_file": None, "problems": dict(problems.most_common()),
+            "latent_bytes": latent_bytes, "rows_per_file": None,
+            "bytes_per_clip": [min(per_clip.values()), max(per_clip.values())] if per_clip else None,
+            "problems": dict(problems.most_common()),
             "problem_examples": dict(examples),
             **({"shots_per_video": dict(sorted(shots_per_video.items())),
                 "shot_frames": dict(sorted(shot_frames.items()))} if cfg.split_scenes else {}),
@@ -128,9 +134,9 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
             "clips_per_s_per_gpu": rate, "rate_from": rate_source}
 
 
-def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str) -> int:
+def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str, fps: float | None) -> int:
     height, width = (int(v) for v in bucket.split("x"))
-    return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info)
+    return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info, fps)
 
 
 def _measured_rate(cfg: Config, info: ModelInfo, results: str | None = None) -> tuple[float | None, str]:
@@ -174,7 +180,9 @@ def plan_command(cfg: Config, info: ModelInfo, clips_per_s: float | None, as_jso
         print(f"  shots          {result.get('shots', 0)} ({result.get('short_shots', 0)} shorter than a clip); "
               f"{result.get('clips_lost', 0)} clips fewer than without --split-scenes")
         print(f"  shots per video {result['shots_per_video']}")
-    print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype})")
+    low, high = result["bytes_per_clip"] or (None, None)
+    per_clip = "" if low is None else f", {low if low == high else f'{low}-{high}'} bytes per clip"
+    print(f"  latents        {result['latent_bytes'] / 2**30:.3f} GiB ({cfg.latent_dtype}){per_clip}")
     for problem, n in result["problems"].items():
         print(f"  will fail      {n:>6}  {problem}  e.g. {', '.join(result['problem_examples'][problem][:2])}")
     hours = f"{result['gpu_hours']} GPU-hours" if result["gpu_hours"] is not None else "GPU-hours unknown"
