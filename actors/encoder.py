@@ -17,7 +17,7 @@ from actors.ledger import ANSWER_TIMEOUT_S
 from pipeline import failures, hooks, sink, stats
 from pipeline.config import AUDIO_PLAN_FPS, GPU_MAX_BATCH, GPU_MEMORY_HEADROOM, Config, data_batch_size, memory_format
 from pipeline.model import ModelInfo, fetch_folder, local_model_dir
-from pipeline.schema import AUDIO, AUDIO_LATENTS, IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
+from pipeline.schema import AUDIO, AUDIO_LATENTS, AUDIO_RATE, IMAGE_PREFIX, RESOURCE, image_columns, tensor_columns
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +233,11 @@ class VAEEncoder:
             return {"latents": normalize(dist.sample(generator=gens))}
         return {"latents": normalize(dist.mode())}
 
-    def encode_audio(self, pcm: np.ndarray) -> np.ndarray:
-        """float32 PCM [B, 2, n] -> normalised audio latents [B, C, L, M] in the storage dtype:
-        the log-mel computed on the device (pipeline.audio.log_mel), the posterior's mode (the
-        trainer's, whatever --latent-mode), LTX2Pipeline._normalize_audio_latents."""
+    def encode_audio(self, pcm: np.ndarray, rate: int) -> np.ndarray:
+        """float32 PCM [B, 2, n] at ``rate`` Hz -> normalised audio latents [B, C, L, M] in the
+        storage dtype: resampled to the VAE's rate and the log-mel computed on the device
+        (pipeline.audio.resample, log_mel), the posterior's mode (the trainer's, whatever
+        --latent-mode), LTX2Pipeline._normalize_audio_latents."""
         from pipeline import audio
 
         torch = self.torch
@@ -244,18 +245,21 @@ class VAEEncoder:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*not writable.*")
                 x = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
+            x = audio.resample(x, int(rate), self.audio.sample_rate)
             z = self.audio_vae.encode(audio.log_mel(x, self.audio)).latent_dist.mode()
             return audio.normalize(z.float(), self.audio_vae).to(self.latent_dtype).contiguous().cpu().numpy()
 
     def _add_audio(self, batch: dict, encoded: dict) -> None:
-        """Each encoded clip's audio latents, beside its video's (clips of one length together)."""
-        pcm = batch[AUDIO]
-        kept = sorted(encoded)
-        for group in _same_shape_groups(pcm[kept] if len(kept) else pcm[:0]):
-            idx = [kept[j] for j in group]
+        """Each encoded clip's audio latents, beside its video's (clips of one rate and length
+        together)."""
+        pcm, rates = batch[AUDIO], np.asarray(batch[AUDIO_RATE])
+        groups: dict[tuple, list[int]] = {}
+        for i in sorted(encoded):
+            groups.setdefault((int(rates[i]), pcm[i].shape), []).append(i)
+        for (rate, _), idx in groups.items():
             clips = np.stack([pcm[i] for i in idx])
             try:
-                out = self.encode_audio(clips)
+                out = self.encode_audio(clips, rate)
             except Exception as e:  # noqa: BLE001 - the model or the device, never a clip's sound
                 if not self._report_systemic("encoding audio", e, self.actor_id):
                     os._exit(1)

@@ -1,11 +1,11 @@
 """LTX-2's audio latents (--audio-latents): each clip's sound, as the LTX-2 trainer prepares it.
 
-CPU side: the clip's span of the audio stream is decoded with PyAV, resampled to the audio VAE's
-``sample_rate`` and mixed to its channels, and crosses the object store as float32 PCM [2, n].
-Device side (``log_mel``, run by the encoder actor): the log-mel spectrogram, computed as the
-trainer's ``AudioProcessor`` does with torchaudio (Lightricks/LTX-2 @400fd31,
-packages/ltx-core/src/ltx_core/model/audio_vae/ops.py:7-55), written here in torch alone (no
-torchaudio build exists for our torch); the latents are then normalised as
+CPU side: the clip's span of the audio stream is decoded with PyAV at the stream's own rate,
+mixed to stereo, and crosses the object store as float32 PCM [2, n] with its rate. Device side
+(run by the encoder actor): ``resample`` to the audio VAE's ``sample_rate`` and the log-mel
+spectrogram (``log_mel``), both as the trainer's ``AudioProcessor`` computes them with torchaudio
+(Lightricks/LTX-2 @400fd31, packages/ltx-core/src/ltx_core/model/audio_vae/ops.py:7-55), written
+here in torch alone (no torchaudio build exists for our torch); the latents are then normalised as
 ``LTX2Pipeline._normalize_audio_latents`` does (diffusers 0.42.1, pipeline_ltx2.py:706-710).
 """
 from __future__ import annotations
@@ -30,6 +30,14 @@ VOCODER_CLASSES = ("LTX2Vocoder", "LTX2VocoderWithBWE")
 N_FFT = 1024
 LOG_FLOOR = 1e-5  # ops.py:53: log(clamp(mel, min=1e-5))
 LAYOUT = "CLM"  # channels, latent time, latent mel bins: the trainer's saved layout
+# torchaudio.functional.resample's defaults, which the trainer calls it with (ops.py:40)
+LOWPASS_FILTER_WIDTH = 6
+ROLLOFF = 0.99
+RESAMPLE = {"function": "torchaudio.functional.resample", "method": "sinc_interp_hann",
+            "lowpass_filter_width": LOWPASS_FILTER_WIDTH, "rolloff": ROLLOFF}
+# Kernel weights (new / gcd x (orig / gcd + 2 width)) above this are an input's odd rate, not a
+# model's need: 44.1 kHz to 16 kHz needs 160 x 475, a coprime rate ~16000 x 44000 (GBs).
+MAX_KERNEL = 1 << 22
 
 
 class NoAudioStream(InputError):
@@ -40,10 +48,84 @@ class NoAudioStream(InputError):
     stage = "decode"
 
 
+class OddAudioRate(InputError):
+    """The audio stream's rate shares so small a divisor with the audio VAE's that resampling it
+    exactly as torchaudio does would need a kernel of gigabytes (torchaudio would try)."""
+
+    stage = "decode"
+
+
+class AudioFormatChanged(InputError):
+    """The audio stream changes its sample rate or channel count mid-stream: one clip's PCM
+    has one rate and one layout."""
+
+    stage = "decode"
+
+
 def clip_samples(num_frames: int, fps: float, rate: int) -> int:
-    """PCM samples of a clip: its duration, num_frames / fps, as the trainer cuts it
-    (process_videos.py:170-172, 205: int(duration * rate), padded with zeros past the end)."""
+    """PCM samples of a clip at the source's ``rate``: its duration, num_frames / fps, as the
+    trainer cuts it (process_videos.py:170-172, 205: int(duration * rate) at the file's own rate,
+    padded with zeros past the end)."""
     return int(num_frames / fps * rate)
+
+
+def resampled_length(n: int, orig: int, new: int) -> int:
+    """Samples out of ``resample`` for n in: torchaudio's ceil(new * n / orig) on the rates
+    divided by their gcd, the quotient a Python float made a float32 tensor before the ceil
+    (functional.py, _apply_sinc_resample_kernel: ``torch.as_tensor`` takes the default dtype),
+    so a long clip whose quotient lies within float32's step above a whole number gets that
+    number, not one more."""
+    if orig == new:
+        return n
+    gcd = math.gcd(orig, new)
+    return int(math.ceil(float(np.float32(new // gcd * n / (orig // gcd)))))
+
+
+def kernel_size(orig: int, new: int) -> int:
+    """Weights in ``resample``'s kernel from ``orig`` to ``new`` Hz (_get_sinc_resample_kernel)."""
+    if orig == new:
+        return 0
+    gcd = math.gcd(orig, new)
+    orig, new = orig // gcd, new // gcd
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
+    return new * (orig + 2 * width)
+
+
+def resample(waveform, orig: int, new: int):
+    """[..., n] at ``orig`` Hz -> [..., resampled_length(n)] at ``new`` Hz, on the waveform's
+    device and in its dtype: torchaudio.functional.resample(waveform, orig, new) with its
+    defaults, as the trainer's AudioProcessor.resample_audio calls it (ops.py:36-42), ported from
+    pytorch/audio src/torchaudio/functional/functional.py @b29b6ad9 (the same three functions are
+    lines 1305-1492 of torchaudio 2.11.1's wheel): ``resample`` returns the waveform itself at
+    equal rates; ``_get_sinc_resample_kernel`` builds a Hann-windowed sinc per output phase after
+    dividing both rates by their gcd, in the waveform's dtype; ``_apply_sinc_resample_kernel``
+    pads (width, width + orig), convolves with stride orig and keeps the first ceil(new * n /
+    orig) samples. Checked against torchaudio's own output in tests/data/."""
+    import torch
+
+    if orig == new:
+        return waveform
+    gcd = math.gcd(int(orig), int(new))
+    orig, new = int(orig) // gcd, int(new) // gcd
+    device, dtype = waveform.device, waveform.dtype
+    base = min(orig, new) * ROLLOFF
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + idx
+    t *= base
+    t = t.clamp_(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
+    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
+    t *= math.pi
+    kernel = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t)
+    kernel *= window * (base / orig)
+
+    shape = waveform.size()
+    flat = waveform.reshape(-1, shape[-1])
+    count, length = flat.shape
+    padded = torch.nn.functional.pad(flat, (width, width + orig))
+    out = torch.nn.functional.conv1d(padded[:, None], kernel, stride=orig).transpose(1, 2).reshape(count, -1)
+    out = out[..., :resampled_length(length, orig, new)]
+    return out.view(shape[:-1] + out.shape[-1:])
 
 
 @dataclass(frozen=True)
@@ -60,14 +142,17 @@ class AudioInfo:
     config: dict
     files: tuple = ()
 
-    def num_samples(self, num_frames: int, fps: float) -> int:
-        return clip_samples(num_frames, fps, self.sample_rate)
+    def num_samples(self, num_frames: int, fps: float, rate: int | None = None) -> int:
+        """PCM samples at the VAE's rate of a clip whose source sounds at ``rate`` (the VAE's
+        when not given): cut at that rate, then resampled."""
+        rate = rate or self.sample_rate
+        return resampled_length(clip_samples(num_frames, fps, rate), rate, self.sample_rate)
 
-    def latent_shape(self, num_frames: int, fps: float) -> tuple[int, int, int]:
-        """[C, L, M] of one clip's audio latents: mel frames n // hop + 1 (a centred STFT), then
-        each of the encoder's stride-2 convolutions after its causal padding (LTX2AudioDownsample:
-        2 rows before in time for "height", else 1 after)."""
-        time = self.num_samples(num_frames, fps) // self.hop_length + 1
+    def latent_shape(self, num_frames: int, fps: float, rate: int | None = None) -> tuple[int, int, int]:
+        """[C, L, M] of one clip's audio latents (its source at ``rate``): mel frames n // hop + 1
+        (a centred STFT), then each of the encoder's stride-2 convolutions after its causal padding
+        (LTX2AudioDownsample: 2 rows before in time for "height", else 1 after)."""
+        time = self.num_samples(num_frames, fps, rate) // self.hop_length + 1
         mel = self.mel_bins
         time_pad, mel_pad = {"height": (2, 1), "width": (1, 2)}.get(self.causality_axis, (1, 1))
         for _ in range(self.downsamples):
@@ -76,16 +161,19 @@ class AudioInfo:
         return self.latent_channels, time, mel
 
     def identity(self) -> dict:
-        return {"class": self.class_name, "config": self.config, "files": list(self.files), "n_fft": N_FFT}
+        return {"class": self.class_name, "config": self.config, "files": list(self.files), "n_fft": N_FFT,
+                "resample": RESAMPLE}
 
     def metadata(self, num_frames: int, fps: float | None) -> dict:
         return {"vae_class": self.class_name, "subfolder": self.subfolder, "layout": LAYOUT,
                 "latent_shape": list(self.latent_shape(num_frames, fps)) if fps else None,
                 "sample_rate": self.sample_rate, "mel_hop_length": self.hop_length, "mel_bins": self.mel_bins,
-                "n_fft": N_FFT, "mel": "log(clamp(MelSpectrogram(power=1, slaney, centred, reflect), 1e-5))",
+                "n_fft": N_FFT, "resample": RESAMPLE,
+                "mel": "log(clamp(MelSpectrogram(power=1, slaney, centred, reflect), 1e-5))",
                 "normalization": "(z - latents_mean) / latents_std per (channel, mel bin): "
                                  "LTX2Pipeline._normalize_audio_latents on the packed latents",
-                "span": "num_frames / fps seconds from the clip's first frame's time"}
+                "span": "num_frames / fps seconds from the clip's first frame's time, cut at the source's "
+                        "rate, then resampled"}
 
 
 def inspect_audio(source: str, endpoint=None) -> AudioInfo:
@@ -125,22 +213,25 @@ def to_stereo(pcm: np.ndarray) -> np.ndarray:
 
 
 class AudioSpans:
-    """A video's audio stream, decoded forward once, resampled to ``rate`` (float32 planar), its
-    spans handed out in order: memory holds one span, never the whole track. Spans start at
+    """A video's audio stream, decoded forward once at its own rate (float32 planar), its spans
+    handed out in order: memory holds one span, never the whole track. Spans start at
     non-decreasing times (clips come in order); sample k of the track is at t0 + k / rate, t0
-    being its first decoded frame's time. Samples before the track starts or after it ends are
-    zeros, as the trainer pads."""
+    being its first decoded frame's time and rate its first frame's. Samples before the track
+    starts or after it ends are zeros, as the trainer pads. A frame at another rate or channel
+    count than the first fails the input (AudioFormatChanged)."""
 
-    def __init__(self, container, rate: int, begin: float | None = None):
+    def __init__(self, container, vae_rate: int, begin: float | None = None):
         import av
 
         if not container.streams.audio:
             raise NoAudioStream("--audio-latents: the video has no audio stream")
         self.stream = container.streams.audio[0]
+        self.vae_rate = vae_rate
         if begin:  # a part or a span of a long video: start a second early, then cut by time
             container.seek(int(max(0.0, begin - 1.0) / self.stream.time_base), stream=self.stream, backward=True)
-        self.rate = rate
-        self.resampler = av.AudioResampler(format="fltp", rate=rate)
+        self.rate = int(self.stream.sample_rate or vae_rate)  # the header's, until a frame says
+        self.channels: int | None = None
+        self.resampler = av.AudioResampler(format="fltp")  # the stream's own rate and layout
         self.frames = self._decoded(container)
         self.t0: float | None = None
         self.start = 0  # index of the first buffered sample
@@ -149,6 +240,7 @@ class AudioSpans:
 
     def _decoded(self, container):
         for frame in container.decode(self.stream):
+            self._check(frame)
             if self.t0 is None and frame.time is not None:
                 self.t0 = frame.time
             for out in self.resampler.resample(frame):
@@ -156,17 +248,37 @@ class AudioSpans:
         for out in self.resampler.resample(None):
             yield out.to_ndarray()
 
+    def _check(self, frame) -> None:
+        channels = len(frame.layout.channels)
+        if self.channels is None:
+            self.rate, self.channels = int(frame.sample_rate), channels
+            if kernel_size(self.rate, self.vae_rate) > MAX_KERNEL:
+                raise OddAudioRate(f"--audio-latents: the audio is at {self.rate} Hz; resampling it to "
+                                   f"{self.vae_rate} Hz as torchaudio does needs a kernel of "
+                                   f"{kernel_size(self.rate, self.vae_rate)} weights")
+        elif (int(frame.sample_rate), channels) != (self.rate, self.channels):
+            raise AudioFormatChanged(f"--audio-latents: the audio changes from {self.rate} Hz, {self.channels} "
+                                     f"channels to {frame.sample_rate} Hz, {channels} channels at "
+                                     f"{frame.time if frame.time is not None else '?'} s")
+
     def _buffered(self) -> int:
         return self.start + sum(c.shape[1] for c in self.chunks)
 
-    def take(self, t: float, n: int) -> np.ndarray:
-        """[2, n] float32: the n samples from time t on."""
-        while not self.ended and (self.t0 is None or self._buffered() < self._index(t) + n):
+    def _fill(self, upto: int | None) -> None:
+        """Decode until the buffer holds sample ``upto`` - 1 (or, with None, the first frame)."""
+        while not self.ended and (self.t0 is None or (upto is not None and self._buffered() < upto)):
             chunk = next(self.frames, None)
             if chunk is None:
                 self.ended = True
             else:
                 self.chunks.append(np.asarray(chunk, dtype=np.float32))
+
+    def take(self, t: float, num_frames: int, fps: float) -> tuple[np.ndarray, int]:
+        """([2, n] float32, rate): a clip's sound from time t on at the stream's rate, n =
+        clip_samples(num_frames, fps, rate) as the trainer cuts it."""
+        self._fill(None)  # the first frame tells the rate
+        n = clip_samples(num_frames, fps, self.rate)
+        self._fill(self._index(t) + n if self.t0 is not None else None)
         first = self._index(t) if self.t0 is not None else 0
         have = np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((1, 0), np.float32)
         out = np.zeros((have.shape[0] or 1, n), dtype=np.float32)
@@ -175,7 +287,7 @@ class AudioSpans:
             out[:, lo - first:hi - first] = have[:, lo - self.start:hi - self.start]
         drop = max(0, first - self.start)  # later spans start at or after t
         self.chunks, self.start = ([have[:, drop:]] if have.shape[1] > drop else []), self.start + drop
-        return np.ascontiguousarray(to_stereo(out), dtype=np.float32)
+        return np.ascontiguousarray(to_stereo(out), dtype=np.float32), self.rate
 
     def _index(self, t: float) -> int:
         return round((t - self.t0) * self.rate)

@@ -72,8 +72,8 @@ class Config:
     # (pipeline.text.RECIPES: 0.25 for the T5 families, 0.5 for LTX-2 and the HunyuanVideos), set by
     # validate once the text encoder is known.
     text_gpus: float | None = None
-    # LTX-2: each clip's audio encoded by the model's audio_vae/ (pipeline.audio); the PCM rate is
-    # the audio VAE's, set by validate.
+    # LTX-2: each clip's audio encoded by the model's audio_vae/ (pipeline.audio); the audio VAE's
+    # rate, set by validate (the PCM crosses at the source's rate and is resampled to it).
     audio_latents: bool = False
     audio_sample_rate: int | None = None
     image_latents: bool = False  # the first frame of each clip encoded alone, as image-to-video conditioning
@@ -168,10 +168,12 @@ ROW_GROUP_BYTES = 32 << 20
 AUDIO_PLAN_FPS = 24.0  # the frame rate an estimate of audio latents assumes without --fps
 
 
-def latent_bytes_per_row(cfg: Config, info: ModelInfo, fps: float | None = None) -> int:
+def latent_bytes_per_row(cfg: Config, info: ModelInfo, fps: float | None = None,
+                         audio_rate: int | None = None) -> int:
     """Bytes of tensors in one output row (the largest bucket's, with --buckets). With
     --audio-latents, a clip's audio spans num_frames / fps seconds: ``fps`` is the video's own
-    rate (plan knows it), else --fps, else AUDIO_PLAN_FPS."""
+    rate (plan knows it), else --fps, else AUDIO_PLAN_FPS; it is cut at ``audio_rate`` (the
+    stream's, from its header: plan knows it too), else at the audio VAE's, then resampled."""
     sizes = cfg.buckets or ((cfg.height, cfg.width),)
     itemsize = 2 if cfg.latent_dtype == "float16" else 4
     tensors = 2 if cfg.latent_mode == "dist" else 1
@@ -179,7 +181,7 @@ def latent_bytes_per_row(cfg: Config, info: ModelInfo, fps: float | None = None)
     if cfg.image_latents:  # one more latent frame per tensor
         most += max(math.prod(info.latent_shape(1, h, w)) for h, w in sizes)
     if cfg.audio_latents and info.audio:
-        most += math.prod(info.audio.latent_shape(cfg.num_frames, cfg.fps or fps or AUDIO_PLAN_FPS))
+        most += math.prod(info.audio.latent_shape(cfg.num_frames, cfg.fps or fps or AUDIO_PLAN_FPS, audio_rate))
     text = info.text.bytes_per_row(itemsize) if cfg.text_embeddings and info.text else 0
     return most * itemsize * tensors + text
 

@@ -17,10 +17,9 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import failures, hooks, layout, scenes, sink, storage, text
-from pipeline.audio import clip_samples
 from pipeline.config import Config
 from pipeline.failures import InputError
-from pipeline.schema import AUDIO, CAPTION, INPUT, TRANSIENT
+from pipeline.schema import AUDIO, AUDIO_RATE, CAPTION, INPUT, TRANSIENT
 
 # swscale's bicubic widens its kernel when shrinking, so downscaling does not alias.
 INTERPOLATION = "BICUBIC"
@@ -692,8 +691,8 @@ def _input_clips(row: dict, cfg: Config, skip: frozenset, clock: DecodeClock | N
                 hooks.reach("decoding", uri)
                 for cid, clip in iter_clips(container, uri, cfg, skip, span, part, clock, shots):
                     if clip is not None and audio is not None:
-                        clip[AUDIO] = audio.take(clip.pop(AUDIO_START), clip_samples(
-                            cfg.num_frames, clip["fps"], cfg.audio_sample_rate))
+                        clip[AUDIO], clip[AUDIO_RATE] = audio.take(clip.pop(AUDIO_START), cfg.num_frames,
+                                                                   clip["fps"])
                     if clip is not None and row.get("extra") is not None:  # a manifest's own columns
                         clip["extra"] = row["extra"]
                     if clip is not None and caption is not None:

@@ -19,6 +19,7 @@ class Probe:
     width: int  # as displayed (rotation applied)
     height: int
     constant_rate: bool  # every frame i is at start_time + i / fps: safe to seek by frame index
+    audio_rate: int | None = None  # the first audio stream's sample rate as its header says (None: no audio)
 
 
 def probe(row: dict, cfg: Config) -> Probe:
@@ -74,7 +75,9 @@ def _from_stream(stream, first, width: int, height: int, container) -> Probe:
     # some frames off changes no clip.
     constant = bool(rate and base and rate == base and duration
                     and (abs(counted - duration * fps) <= 1 if counted else matroska))
-    return Probe(frames, bool(counted), fps, start, width, height, constant)
+    audio = container.streams.audio
+    audio_rate = (int(audio[0].sample_rate or 0) or None) if audio else None  # no decoding: the header's
+    return Probe(frames, bool(counted), fps, start, width, height, constant, audio_rate)
 
 
 def _matroska_length(stream, container, start: float) -> float | None:

@@ -69,7 +69,8 @@ POOLED_EMBEDS = "pooled_prompt_embeds"
 PROMPT_EMBEDS_2, PROMPT_MASK_2 = "prompt_embeds_2", "prompt_attention_mask_2"
 AUDIO_PROMPT_EMBEDS = "audio_prompt_embeds"
 TEXT_COLUMNS = (PROMPT_EMBEDS, PROMPT_MASK, POOLED_EMBEDS, PROMPT_EMBEDS_2, PROMPT_MASK_2, AUDIO_PROMPT_EMBEDS)
-AUDIO = "audio"  # --audio-latents: a clip's PCM, float32 [2, n] at the audio VAE's rate (decode -> encoder)
+AUDIO = "audio"  # --audio-latents: a clip's PCM, float32 [2, n] at the source's rate (decode -> encoder)
+AUDIO_RATE = "audio_rate"  # that rate in Hz (int); resampled to the VAE's on the device, never written
 AUDIO_LATENTS = "audio_latents"  # [C, L, M] (pipeline.audio)
 IMAGE_PREFIX = "image_"  # --image-latents: image_latents (or image_latents_mean/_logvar in dist mode)
 

@@ -50,14 +50,14 @@ def _model(folder: str, vocoder: bool = False) -> str:
     return folder
 
 
-def _rising_tone(seconds: float) -> np.ndarray:
+def _rising_tone(seconds: float, rate: int = RATE) -> np.ndarray:
     """A tone growing louder: each clip's span sounds different."""
-    t = np.arange(int(seconds * RATE) + 400) / RATE
+    t = np.arange(int(seconds * rate) + 400 * rate // RATE) / rate
     return ((0.1 + 0.4 * t / seconds) * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
 
 
-def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int = FPS) -> str:
-    """An MKV: H.264 frames at ``fps`` and, when given, the mono tone as float PCM (lossless) at RATE."""
+def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int = FPS, rate: int = RATE) -> str:
+    """An MKV: H.264 frames at ``fps`` and, when given, the mono tone as float PCM (lossless) at ``rate``."""
     import av
 
     pixels = samples.synthetic_frames(frames, SIZE, SIZE)
@@ -68,7 +68,7 @@ def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int =
         stream.options = {"preset": "ultrafast"}
         sound = None
         if tone is not None:
-            sound = container.add_stream("pcm_f32le", rate=RATE)
+            sound = container.add_stream("pcm_f32le", rate=rate)
             sound.layout = "mono"
         for image in pixels:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -78,7 +78,7 @@ def _video_with_tone(path: str, frames: int, tone: np.ndarray | None, fps: int =
         if sound is not None:
             for start in range(0, tone.shape[0], 1024):
                 frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="flt", layout="mono")
-                frame.sample_rate, frame.pts, frame.time_base = RATE, start, Fraction(1, RATE)
+                frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
                 for packet in sound.encode(frame):
                     container.mux(packet)
             for packet in sound.encode():
@@ -119,15 +119,21 @@ def _trainer_mel(pcm: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(mel, 1e-5))[None].astype(np.float32)
 
 
-def _reference(model: str, pcm: np.ndarray) -> np.ndarray:
-    """The trainer's audio path (process_videos.py:866-905: mono doubled, mel, encode) and
-    LTX2Pipeline's normalisation (diffusers 0.42.1 pipeline_ltx2.py:706-710, on latents packed
-    and unpacked by its own _pack/_unpack_audio_latents): [C, L, M]."""
+def _reference(model: str, pcm: np.ndarray, rate: int = RATE) -> np.ndarray:
+    """The trainer's audio path on mono ``pcm`` at ``rate`` Hz, already cut and padded at that
+    rate (process_videos.py:866-905: mono doubled at the native rate; then AudioProcessor.
+    waveform_to_mel, ops.py:36-55: torchaudio.functional.resample to RATE, here pipeline.audio's
+    port, checked against torchaudio's own output by test_resample_equals_torchaudios_own_output;
+    the mel; encode) and LTX2Pipeline's normalisation (diffusers 0.42.1 pipeline_ltx2.py:706-710,
+    on latents packed and unpacked by its own _pack/_unpack_audio_latents): [C, L, M]."""
     from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
 
+    from pipeline.audio import resample
+
+    stereo = resample(torch.from_numpy(np.repeat(pcm, 2, axis=0)), rate, RATE).numpy()
     vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(model, subfolder="audio_vae").eval()
     with torch.no_grad():
-        z = vae.encode(torch.from_numpy(_trainer_mel(np.repeat(pcm, 2, axis=0)))).latent_dist.mode()
+        z = vae.encode(torch.from_numpy(_trainer_mel(stereo))).latent_dist.mode()
     packed = LTX2Pipeline._normalize_audio_latents(LTX2Pipeline._pack_audio_latents(z), vae.latents_mean,
                                                    vae.latents_std)
     return LTX2Pipeline._unpack_audio_latents(packed, z.shape[2], z.shape[3])[0].numpy()
@@ -151,9 +157,9 @@ def test_audio_latents_match_the_trainer_and_pipeline_on_a_tone(ltx2, tmp_path):
     cfg, info = validate(_cfg(tmp_path, ltx2))
     assert cfg.audio_sample_rate == RATE
     clips = list(decode.decode_clips({"source_uri": path, "size": os.path.getsize(path)}, cfg))
-    assert len(clips) == 2 and clips[0]["audio"].dtype == np.float32
+    assert len(clips) == 2 and clips[0]["audio"].dtype == np.float32 and clips[0]["audio_rate"] == RATE
     n = int(FRAMES / FPS * RATE)
-    assert clips[0]["audio"].shape == (2, n)  # PCM at the VAE's rate crosses, not the mel
+    assert clips[0]["audio"].shape == (2, n)  # PCM at the source's rate (here the VAE's) crosses, not the mel
     batch = {k: np.stack([c[k] for c in clips]) if k in ("frames", "audio") else np.array([c[k] for c in clips])
              for k in clips[0]}
     got = VAEEncoder(cfg, info)(batch)[AUDIO_LATENTS]
@@ -163,6 +169,65 @@ def test_audio_latents_match_the_trainer_and_pipeline_on_a_tone(ltx2, tmp_path):
         assert got[k].shape == expected.shape == info.audio.latent_shape(FRAMES, FPS)
         rel = np.linalg.norm(got[k] - expected) / np.linalg.norm(expected)
         assert rel <= 1e-4, rel
+
+
+def test_resample_equals_torchaudios_own_output():
+    """pipeline.audio.resample against torchaudio 2.11.1's resample run on the same inputs
+    (tests/data/resample_golden.py says how the golden outputs were made)."""
+    from pipeline.audio import resample, resampled_length
+    from tests.data.resample_golden import RATES, TARGET, golden_path, inputs
+
+    for rate in RATES:
+        expected, pcm = np.load(golden_path(rate)), inputs(rate)
+        got = resample(torch.from_numpy(pcm), rate, TARGET).numpy()
+        assert got.shape == expected.shape == (2, resampled_length(pcm.shape[1], rate, TARGET))
+        assert np.abs(got - expected).max() <= 1e-6, (rate, np.abs(got - expected).max())
+    same = torch.ones(2, 5)
+    assert resample(same, RATE, RATE) is same  # torchaudio returns the waveform itself at equal rates
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_a_48khz_tone_is_resampled_on_the_device_as_the_trainer_resamples_it(ltx2, tmp_path):
+    """The PCM crosses at 48 kHz with its rate; the actor's latents are the trainer's path (cut at
+    48 kHz, stereo, torchaudio's resample to 16 kHz, mel, encode, normalise), and not the old
+    path's (libswresample to 16 kHz on the CPU)."""
+    import av
+
+    native = 48000
+    os.makedirs(tmp_path / "in")
+    tone = _rising_tone(FRAMES / FPS, native)
+    path = _video_with_tone(str(tmp_path / "in" / "tone48k.mkv"), FRAMES, tone, rate=native)
+    cfg, info = validate(_cfg(tmp_path, ltx2))
+    (clip,) = list(decode.decode_clips({"source_uri": path, "size": os.path.getsize(path)}, cfg))
+    n = int(FRAMES / FPS * native)
+    assert clip["audio_rate"] == native and clip["audio"].shape == (2, n)
+    batch = {k: np.stack([v]) if k in ("frames", "audio") else np.array([v]) for k, v in clip.items()}
+    got = VAEEncoder(cfg, info)(batch)[AUDIO_LATENTS][0]
+    expected = _reference(ltx2, tone[None, :n], native)
+    assert got.shape == expected.shape == info.audio.latent_shape(FRAMES, FPS, native)
+    assert _rel(got, expected) <= 1e-4, _rel(got, expected)
+
+    old = av.AudioResampler(format="fltp", layout="mono", rate=RATE)  # what crossed before
+    frame = av.AudioFrame.from_ndarray(tone[None], format="flt", layout="mono")
+    frame.sample_rate = native
+    swr = np.concatenate([f.to_ndarray() for f in old.resample(frame) + old.resample(None)], axis=1)
+    before = _reference(ltx2, swr[:, :int(FRAMES / FPS * RATE)])
+    assert before.shape == expected.shape and _rel(before, expected) > 1e-3, _rel(before, expected)
+
+
+def test_an_audio_rate_torchaudio_cannot_resample_sanely_is_an_input_error(ltx2, tmp_path):
+    """44099 Hz shares no divisor with 16 kHz but 1: torchaudio's kernel would be 16000 x ~44000
+    weights. The input gets an error row; the run (and the device) is spared."""
+    os.makedirs(tmp_path / "in")
+    path = _video_with_tone(str(tmp_path / "in" / "odd.mkv"), FRAMES, _rising_tone(FRAMES / FPS, 44099), rate=44099)
+    cfg, _ = validate(_cfg(tmp_path, ltx2))
+    assert list(decode.decode_clips({"source_uri": path, "size": os.path.getsize(path)}, cfg)) == []
+    (error,) = [pq.read_table(f).to_pylist()[0] for f in glob.glob(str(tmp_path / "out" / "**" / "*.parquet"),
+                                                                   recursive=True) if "error" in f]
+    assert (error["error_type"], error["error_class"]) == ("OddAudioRate", "input")
 
 
 def test_a_video_without_audio_gets_an_input_error_row(ltx2, tmp_path):

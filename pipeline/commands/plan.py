@@ -26,7 +26,7 @@ EXAMPLES = 5  # inputs named per problem
 def plan_row(row: dict, cfg: Config) -> dict:
     """Ray Data map step: one listed input's plan (or the error ``encode`` would record)."""
     out = {"source_uri": row["source_uri"], "clips": 0, "frames": 0, "bucket": None, "parts": 1, "problem": None,
-           "shots": 0, "short_shots": 0, "clips_lost": 0, "shot_frames": [], "fps": None}
+           "shots": 0, "short_shots": 0, "clips_lost": 0, "shot_frames": [], "fps": None, "audio_rate": None}
     try:
         p = probe.probe(row, cfg)
     except Exception as e:  # noqa: BLE001 - recorded as encode would record it
@@ -59,7 +59,8 @@ def plan_row(row: dict, cfg: Config) -> dict:
               and clips > cfg.clips_per_task)
     return {**out, "clips": clips, "frames": frames, "bucket": f"{height}x{width}",
             "parts": math.ceil(clips / cfg.clips_per_task) if splits else 1,
-            "fps": cfg.fps or p.fps}  # the rate its clips are cut at: a clip's audio spans num_frames / fps
+            "fps": cfg.fps or p.fps,  # the rate its clips are cut at: a clip's audio spans num_frames / fps
+            "audio_rate": p.audio_rate}  # the rate that audio is cut at, then resampled
 
 
 def _shots(row: dict, cfg: Config) -> list[int]:
@@ -92,7 +93,7 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
         .repartition(target_num_rows_per_block=PROBES_PER_TASK) \
         .map(plan_row, fn_kwargs={"cfg": cfg})
     clips_per_video, buckets, problems = Counter(), defaultdict(lambda: {"videos": 0, "clips": 0}), Counter()
-    clips_by_size = Counter()  # (bucket, fps) -> clips: the bytes of a row follow both
+    clips_by_size = Counter()  # (bucket, fps, audio rate) -> clips: the bytes of a row follow all three
     examples = defaultdict(list)
     total = {"inputs": 0, "inputs_ok": 0, "clips": 0, "frames_to_decode": 0, "decode_tasks": 0, "inputs_split": 0}
     shots_per_video, shot_frames = Counter(), Counter()
@@ -119,7 +120,8 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
         clips_per_video[r["clips"]] += 1
         buckets[r["bucket"]]["videos"] += 1
         buckets[r["bucket"]]["clips"] += r["clips"]
-        clips_by_size[(r["bucket"], r["fps"] if cfg.audio_latents else None)] += r["clips"]
+        size = (r["bucket"], r["fps"], r["audio_rate"]) if cfg.audio_latents else (r["bucket"], None, None)
+        clips_by_size[size] += r["clips"]
     per_clip = {size: _bytes_per_clip(cfg, info, *size) for size in clips_by_size}
     latent_bytes = sum(n * per_clip[size] for size, n in clips_by_size.items())
     rate, rate_source = (clips_per_s, "--clips-per-s") if clips_per_s else _measured_rate(cfg, info)
@@ -134,9 +136,9 @@ def plan(cfg: Config, info: ModelInfo, clips_per_s: float | None = None) -> dict
             "clips_per_s_per_gpu": rate, "rate_from": rate_source}
 
 
-def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str, fps: float | None) -> int:
+def _bytes_per_clip(cfg: Config, info: ModelInfo, bucket: str, fps: float | None, audio_rate: int | None) -> int:
     height, width = (int(v) for v in bucket.split("x"))
-    return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info, fps)
+    return latent_bytes_per_row(cfg.replace(height=height, width=width, buckets=()), info, fps, audio_rate)
 
 
 def _measured_rate(cfg: Config, info: ModelInfo, results: str | None = None) -> tuple[float | None, str]:
