@@ -1,5 +1,6 @@
 """--split-scenes: decode time with shot detection against without, and the content scores the
-defaults (--scene-threshold 3.0, --min-shot-frames 15) were chosen from. Never run as a test.
+defaults (--scene-threshold 2.4, --min-shot-frames 15) were chosen from (with the real footage in
+tests/data: tests/test_scenes.py). Never run as a test.
 
   python -m bench.scenes [--frames 240] [--sizes 1080x1920,720x1280,360x640]   (or python -m bench ... --scenes)
 

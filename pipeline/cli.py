@@ -151,11 +151,11 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         help="find shot boundaries (hard cuts) while decoding and cut clips within shots only: "
                              "each shot is clipped from its first frame, with --clip-stride and --max-clips per "
                              "shot; a shot shorter than one clip gives none. Fades and dissolves are not cut")
-    scenes.add_argument("--scene-threshold", type=float, default=3.0, metavar="RATIO",
+    scenes.add_argument("--scene-threshold", type=float, default=2.4, metavar="RATIO",
                         help="a frame starts a shot when its content score (PySceneDetect's: the mean change "
                              "of hue, saturation and value from the frame before, 0-255; at least 15) is this "
                              "many times the mean of the 2 frames' scores on each side (PySceneDetect's "
-                             "AdaptiveDetector; default 3)")
+                             "AdaptiveDetector, whose default is 3; default 2.4)")
     scenes.add_argument("--min-shot-frames", type=int, default=15, metavar="N",
                         help="no cut within N frames after a frame that met the threshold: shots between cuts "
                              "are at least N frames, and a flash gives one cut (default 15)")

@@ -96,7 +96,7 @@ class Config:
     fps: float | None = None  # resample in time before cutting clips
     # Clips cut within shots only (pipeline.scenes): a shot's clips start at its first frame.
     split_scenes: bool = False
-    scene_threshold: float = 3.0  # pipeline.scenes.DEFAULT_THRESHOLD: a score over its neighbours' mean
+    scene_threshold: float = 2.4  # pipeline.scenes.DEFAULT_THRESHOLD: a score over its neighbours' mean
     min_shot_frames: int = 15  # pipeline.scenes.DEFAULT_MIN_SHOT
     buckets: tuple[tuple[int, int], ...] = ()  # (height, width) sizes; each video takes the nearest aspect
     manifest: str | None = None  # CSV, JSONL or Parquet with a `uri` column
