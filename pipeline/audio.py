@@ -81,13 +81,20 @@ def resampled_length(n: int, orig: int, new: int) -> int:
     return int(math.ceil(float(np.float32(new // gcd * n / (orig // gcd)))))
 
 
+def _kernel_geometry(orig: int, new: int) -> tuple[int, int, float, int]:
+    """(orig, new) divided by their gcd, the filter's base frequency and its half-width in input
+    samples, as _get_sinc_resample_kernel computes them."""
+    gcd = math.gcd(int(orig), int(new))
+    orig, new = int(orig) // gcd, int(new) // gcd
+    base = min(orig, new) * ROLLOFF
+    return orig, new, base, math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+
+
 def kernel_size(orig: int, new: int) -> int:
     """Weights in ``resample``'s kernel from ``orig`` to ``new`` Hz (_get_sinc_resample_kernel)."""
     if orig == new:
         return 0
-    gcd = math.gcd(orig, new)
-    orig, new = orig // gcd, new // gcd
-    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
+    orig, new, _, width = _kernel_geometry(orig, new)
     return new * (orig + 2 * width)
 
 
@@ -105,11 +112,8 @@ def resample(waveform, orig: int, new: int):
 
     if orig == new:
         return waveform
-    gcd = math.gcd(int(orig), int(new))
-    orig, new = int(orig) // gcd, int(new) // gcd
+    orig, new, base, width = _kernel_geometry(orig, new)
     device, dtype = waveform.device, waveform.dtype
-    base = min(orig, new) * ROLLOFF
-    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
     idx = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
     t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + idx
     t *= base
@@ -252,10 +256,10 @@ class AudioSpans:
         channels = len(frame.layout.channels)
         if self.channels is None:
             self.rate, self.channels = int(frame.sample_rate), channels
-            if kernel_size(self.rate, self.vae_rate) > MAX_KERNEL:
+            weights = kernel_size(self.rate, self.vae_rate)
+            if weights > MAX_KERNEL:
                 raise OddAudioRate(f"--audio-latents: the audio is at {self.rate} Hz; resampling it to "
-                                   f"{self.vae_rate} Hz as torchaudio does needs a kernel of "
-                                   f"{kernel_size(self.rate, self.vae_rate)} weights")
+                                   f"{self.vae_rate} Hz as torchaudio does needs a kernel of {weights} weights")
         elif (int(frame.sample_rate), channels) != (self.rate, self.channels):
             raise AudioFormatChanged(f"--audio-latents: the audio changes from {self.rate} Hz, {self.channels} "
                                      f"channels to {frame.sample_rate} Hz, {channels} channels at "
